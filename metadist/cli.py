@@ -1,0 +1,166 @@
+"""The ``metadist`` command: train, eval, data convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from metadist.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"metadist: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metadist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="meta-train from a YAML config, then meta-test")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    p.add_argument("--resume", help="continue from this checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="meta-test a checkpoint on held-out classes")
+    p.add_argument("checkpoint")
+    p.add_argument("--episodes", type=int, help="number of test episodes (default: config's)")
+    p.add_argument("--split", help="split to test on (default: the config's test split)")
+    p.add_argument("--dataset", help="dataset directory (default: the one trained on)")
+    p.add_argument("--inner-steps", type=int, help="inner steps at test time")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="convert datasets to metadist's Parquet episode store")
+    data = p.add_subparsers(dest="data_command", required=True)
+    c = data.add_parser("convert", help="convert a dataset layout to Parquet shards")
+    c.add_argument("format", choices=["omniglot", "miniimagenet", "imagefolder"])
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    c.add_argument("--split", default="background-evaluation",
+                   choices=["background-evaluation", "1200-423"], help="omniglot class split")
+    c.add_argument("--background", default="background",
+                   choices=["background", "small1", "small2"], help="omniglot training set")
+    c.add_argument("--val-classes", type=int, default=100, help="omniglot validation classes")
+    c.add_argument("--no-rotations", action="store_true",
+                   help="omniglot: do not add 90/180/270-degree rotations as classes")
+    c.add_argument("--val-fraction", type=float, default=0.15, help="imagefolder")
+    c.add_argument("--test-fraction", type=float, default=0.2, help="imagefolder")
+    c.add_argument("--seed", type=int, default=0, help="seed of the class split")
+    c.set_defaults(func=cmd_convert)
+    s = data.add_parser("synthetic", help="generate a SYNTHETIC dataset for scale tests")
+    s.add_argument("out")
+    s.add_argument("--classes", type=int, default=100)
+    s.add_argument("--images-per-class", type=int, default=20)
+    s.add_argument("--image-size", type=int, default=28)
+    s.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_synthetic)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from metadist.config import load_config
+    from metadist.train import train
+
+    config = load_config(resolve_config(args.config), args.overrides)
+    if not config.tracking.enabled:
+        result = train(config, resume=args.resume)
+    else:
+        from metadist.tracking import MLflowTracker
+
+        with MLflowTracker(config) as tracker:
+            result = train(config, tracker, resume=args.resume)
+            result["mlflow_run_id"] = tracker.run_id
+            result["mlflow_tracking_uri"] = tracker.uri
+    print_result(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from metadist.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, episodes=args.episodes, split=args.split, dataset=args.dataset,
+        inner_steps=args.inner_steps,
+    )
+    print_result(result)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from metadist.data import convert_imagefolder, convert_miniimagenet, convert_omniglot
+
+    if args.format == "omniglot":
+        out = convert_omniglot(
+            args.src, args.out, split=args.split, val_classes=args.val_classes, seed=args.seed,
+            background=args.background, rotations=not args.no_rotations,
+            overwrite=args.overwrite,
+        )
+    elif args.format == "miniimagenet":
+        out = convert_miniimagenet(args.src, args.out, overwrite=args.overwrite)
+    else:
+        out = convert_imagefolder(
+            args.src, args.out, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite,
+        )
+    print(describe_dataset(out))
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from metadist.data import make_synthetic
+
+    out = make_synthetic(
+        args.out, classes=args.classes, images_per_class=args.images_per_class,
+        image_size=args.image_size, channels=args.channels, seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(describe_dataset(out))
+    return 0
+
+
+def describe_dataset(out: Path) -> str:
+    from metadist.data import DatasetInfo, Manifest
+
+    info = DatasetInfo.load(Path(out) / "dataset.json")
+    lines = [f"wrote {out} ({info.dataset})"]
+    for split in info.splits:
+        m = Manifest.load(Path(out) / split / "manifest.json")
+        images = sum(c.count for c in m.classes)
+        rot = f" x {len(m.rotations)} rotations" if len(m.rotations) > 1 else ""
+        lines.append(f"  {split}: {len(m.classes)} classes{rot}, {images} images")
+    return "\n".join(lines)
+
+
+def resolve_config(name: str) -> Path:
+    """A path, or the name of a file in ./configs (``omniglot_5w1s_maml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (Path("configs") / name, Path("configs") / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config not found: {name}")
+
+
+def print_result(result: dict) -> None:
+    metric = result["metric"]
+    print(
+        f"meta-test {metric}: {result['mean']:.4f} ± {result['ci95']:.4f} (95% CI, "
+        f"{result['episodes']} episodes of the {result.get('split', 'test')} split)"
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

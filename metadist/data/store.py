@@ -1,0 +1,269 @@
+"""Read access to one split: per-class decoded, resized, rotated uint8 image tensors.
+
+The store checks the manifest against the shards when opened, reads only the row group
+of a requested class, and caches decoded classes (before rotation, so the four rotated
+copies of an Omniglot character share one cache entry). It pickles without its open
+files and cache, so it can be shipped to worker processes or Ray actors cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvf
+
+from metadist.data.images import decode_image
+from metadist.data.schema import MANIFEST_NAME, SHARD_SCHEMA, ClassEntry, Manifest
+from metadist.data.writer import sha256_file
+
+
+class ClassStore:
+    """Classes of one split (``<dataset>/<split>``), rotations expanded into classes.
+
+    Virtual class ``i`` is base class ``i % num_base_classes`` rotated by
+    ``rotations[i // num_base_classes]`` degrees counter-clockwise, so the first
+    ``num_base_classes`` classes are the unrotated ones.
+
+    ``image_size``/``channels`` default to the manifest's recommended preprocessing.
+    ``verify`` also checks every shard's sha256 (reads every byte once).
+    ``max_cached_classes`` bounds the decoded-class cache (None: unbounded, 0: no cache).
+    """
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        *,
+        image_size: int | None = None,
+        channels: int | None = None,
+        verify: bool = True,
+        max_cached_classes: int | None = None,
+    ) -> None:
+        self.split_dir = Path(split_dir)
+        self.manifest = Manifest.load(self.split_dir / MANIFEST_NAME)
+        pre = self.manifest.preprocessing
+        self.image_size = pre.image_size if image_size is None else image_size
+        self.channels = pre.channels if channels is None else channels
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or self.image_size < 1
+        ):
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+        self.max_cached_classes = max_cached_classes
+        self._entries: tuple[ClassEntry, ...] = self.manifest.classes
+        self._check_shards(verify)
+        self._reset_runtime_state()
+
+    # --- structure ----------------------------------------------------------------------
+
+    @property
+    def split(self) -> str:
+        return self.manifest.split
+
+    @property
+    def rotations(self) -> tuple[int, ...]:
+        return self.manifest.rotations
+
+    @property
+    def num_base_classes(self) -> int:
+        return len(self._entries)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._entries) * len(self.rotations)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = []
+        for degrees in self.rotations:
+            suffix = "" if degrees == 0 else f"@rot{degrees}"
+            names.extend(e.label + suffix for e in self._entries)
+        return names
+
+    def base_class(self, i: int) -> tuple[int, int]:
+        """(base class index, rotation in degrees) of virtual class ``i``."""
+        if not 0 <= i < self.num_classes:
+            raise IndexError(
+                f"class {i} out of range: split {self.split!r} has {self.num_classes} classes"
+            )
+        r, base = divmod(int(i), len(self._entries))
+        return base, self.rotations[r]
+
+    def class_size(self, i: int) -> int:
+        return self._entries[self.base_class(i)[0]].count
+
+    # --- loading ------------------------------------------------------------------------
+
+    def load_class(self, i: int) -> torch.Tensor:
+        """All images of virtual class ``i``: uint8 [n, C, image_size, image_size]."""
+        return self.load_examples(i, range(self.class_size(i)))
+
+    def load_examples(self, i: int, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Images ``indices`` (positions within the class) of virtual class ``i``, as a new
+        uint8 tensor [len(indices), C, image_size, image_size]."""
+        base, degrees = self.base_class(i)
+        images = self._decoded(base)[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        if degrees:
+            images = torch.rot90(images, degrees // 90, dims=(-2, -1)).contiguous()
+        return images
+
+    def _decoded(self, base: int) -> torch.Tensor:
+        with self._lock:
+            cached = self._cache.get(base)
+            if cached is not None:
+                self._cache.move_to_end(base)
+                return cached
+        images = self._decode_class(base)
+        limit = self.max_cached_classes
+        if limit is None or limit > 0:
+            with self._lock:
+                self._cache[base] = images
+                while limit is not None and len(self._cache) > limit:
+                    self._cache.popitem(last=False)
+        return images
+
+    def _decode_class(self, base: int) -> torch.Tensor:
+        entry = self._entries[base]
+        path = self.split_dir / entry.shard
+        column = self._file(entry.shard).read_row_group(entry.row_group, columns=["image"])
+        rows = column.column("image").to_pylist()
+        if len(rows) != entry.count:
+            raise ValueError(
+                f"{path}: row group {entry.row_group} (class {entry.label!r}) has "
+                f"{len(rows)} rows, the manifest says {entry.count}"
+            )
+        arrays = []
+        for j, row in enumerate(rows):
+            try:
+                arrays.append(decode_image(row["bytes"], self.channels))
+            except Exception as exc:
+                raise ValueError(
+                    f"{path}: class {entry.label!r}, row {j} of row group {entry.row_group} "
+                    f"(source {row['path']}): cannot decode image ({type(exc).__name__}: {exc})"
+                ) from exc
+        size = [self.image_size, self.image_size]
+        if len({a.shape for a in arrays}) == 1:
+            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            return self._resize(batch, size)
+        return torch.stack(
+            [self._resize(torch.from_numpy(a).permute(2, 0, 1), size) for a in arrays]
+        )
+
+    @staticmethod
+    def _resize(images: torch.Tensor, size: list[int]) -> torch.Tensor:
+        if list(images.shape[-2:]) != size:
+            images = tvf.resize(
+                images, size, interpolation=InterpolationMode.BILINEAR, antialias=True
+            )
+        return images.contiguous()
+
+    def _file(self, shard: str) -> pq.ParquetFile:
+        # A forked worker must not share the parent's file handles; reopen per process.
+        if self._pid != os.getpid():
+            self._files = {}
+            self._pid = os.getpid()
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._files[shard] = pq.ParquetFile(self.split_dir / shard)
+        return handle
+
+    # --- checks -------------------------------------------------------------------------
+
+    def _check_shards(self, verify: bool) -> None:
+        manifest_path = self.split_dir / MANIFEST_NAME
+        for k, shard in enumerate(self.manifest.shards):
+            path = self.split_dir / shard.file
+            if not path.is_file():
+                raise ValueError(f"{path}: shard listed in {manifest_path} is missing")
+            if verify:
+                digest = sha256_file(path)
+                if digest != shard.sha256:
+                    raise ValueError(
+                        f"{path}: sha256 {digest} does not match field 'shards[{k}].sha256' "
+                        f"({shard.sha256}) of {manifest_path}; the shard changed after "
+                        "conversion"
+                    )
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as exc:
+                raise ValueError(f"{path}: not a readable parquet file ({exc})") from exc
+            try:
+                self._check_shard(pf, path, k)
+            finally:
+                pf.close()
+
+    def _check_shard(self, pf: pq.ParquetFile, path: Path, k: int) -> None:
+        shard = self.manifest.shards[k]
+        if not pf.schema_arrow.equals(SHARD_SCHEMA, check_metadata=False):
+            raise ValueError(f"{path}: schema does not match SHARD_SCHEMA:\n{pf.schema_arrow}")
+        meta = pf.metadata
+        if meta.num_rows != shard.rows:
+            raise ValueError(
+                f"{path}: has {meta.num_rows} rows, field 'shards[{k}].rows' of "
+                f"the manifest says {shard.rows}"
+            )
+        members = sorted(
+            (e for e in self._entries if e.shard == shard.file), key=lambda e: e.row_group
+        )
+        if meta.num_row_groups != len(members):
+            raise ValueError(
+                f"{path}: has {meta.num_row_groups} row groups, the manifest "
+                f"places {len(members)} classes in it"
+            )
+        # The label/group columns are tiny next to the images; reading them whole is cheap.
+        columns = pf.read(columns=["label", "group"])
+        offset = 0
+        for e in members:
+            n = meta.row_group(e.row_group).num_rows
+            if n != e.count:
+                raise ValueError(
+                    f"{path}: row group {e.row_group} (class {e.label!r}) has "
+                    f"{n} rows, the manifest says count {e.count}"
+                )
+            for field, expected in (("label", e.label), ("group", e.group)):
+                found = pc.unique(columns.column(field).slice(offset, n)).to_pylist()
+                if found != [expected]:
+                    raise ValueError(
+                        f"{path}: row group {e.row_group} holds {field} {found}, "
+                        f"the manifest says {expected!r}"
+                    )
+            offset += n
+
+    # --- pickling -----------------------------------------------------------------------
+
+    def _reset_runtime_state(self) -> None:
+        self._files: dict[str, pq.ParquetFile] = {}
+        self._pid = os.getpid()
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files and the lock cannot travel; the cache could but would bloat every
+        # copy sent to a worker. The receiver does not re-verify the shards.
+        state = self.__dict__.copy()
+        for key in ("_files", "_pid", "_cache", "_lock"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime_state()
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassStore({str(self.split_dir)!r}, split={self.split!r}, "
+            f"classes={self.num_classes}, image_size={self.image_size}, "
+            f"channels={self.channels})"
+        )

@@ -1,0 +1,60 @@
+"""Opens the three episode streams of a run (train, val, test) from its data config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from metadist.config import DataConfig
+from metadist.data.episodes import EpisodeSampler, Preprocessing
+from metadist.data.schema import Manifest
+from metadist.data.sinusoid import SinusoidTasks
+from metadist.data.store import ClassStore
+
+
+@dataclass
+class Streams:
+    train: object
+    val: object
+    test: object
+    preprocessing: Preprocessing | None  # None for generated (sinusoid) tasks
+    in_channels: int
+    image_size: int | None
+
+
+def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Streams:
+    """Training episodes follow ``train_seed``; validation and test follow ``eval_seed``."""
+    if data.dataset == "sinusoid":
+        def tasks(seed: int, stream: str) -> SinusoidTasks:
+            return SinusoidTasks(shots=data.shots, queries=data.queries, seed=seed, stream=stream)
+
+        return Streams(
+            tasks(train_seed, "train"), tasks(eval_seed, "val"), tasks(eval_seed, "test"),
+            None, 1, None,
+        )
+    root = Path(data.dataset)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data.dataset={data.dataset!r}: no such dataset directory (convert one with "
+            "`metadist data convert ...`, or use data.dataset=sinusoid)"
+        )
+    train_dir = root / data.train_split
+    pre = Preprocessing.from_manifest(
+        Manifest.load(train_dir / "manifest.json"),
+        image_size=data.image_size,
+        channels=data.channels,
+    )
+
+    def sampler(split: str, seed: int) -> EpisodeSampler:
+        store = ClassStore(root / split, image_size=pre.image_size, channels=pre.channels)
+        return EpisodeSampler(
+            store, ways=data.ways, shots=data.shots, queries=data.queries, seed=seed,
+            preprocessing=pre,
+        )
+
+    return Streams(
+        sampler(data.train_split, train_seed),
+        sampler(data.val_split, eval_seed + 1),
+        sampler(data.test_split, eval_seed),
+        pre, pre.channels, pre.image_size,
+    )

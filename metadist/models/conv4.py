@@ -1,0 +1,82 @@
+"""The 4-block convolutional network of the few-shot literature (Vinyals et al. 2016;
+Finn et al. 2017): four blocks of 3x3 conv, batch norm, ReLU and 2x2 max-pool (or a
+stride-2 conv instead of the pool, as in Finn's Omniglot code), then a linear head.
+Omniglot uses 64 filters on 28x28 inputs and averages the last feature map; miniImageNet
+uses 32 filters on 84x84 inputs and flattens it (32 * 5 * 5 = 800 features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metadist.models import layers
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Conv4:
+    ways: int
+    in_channels: int = 1
+    hidden: int = 64
+    image_size: int = 28
+    pool: str = "max"  # "max" or "stride"
+    readout: str = "mean"  # "mean" over the last feature map, or "flatten"
+    blocks: int = 4
+
+    head_keys = ("head.weight", "head.bias")
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("max", "stride"):
+            raise ValueError(f"model.pool must be 'max' or 'stride', got {self.pool!r}")
+        if self.readout not in ("mean", "flatten"):
+            raise ValueError(f"model.readout must be 'mean' or 'flatten', got {self.readout!r}")
+
+    @property
+    def feature_dim(self) -> int:
+        if self.readout == "mean":
+            return self.hidden
+        side = self.image_size
+        for _ in range(self.blocks):
+            side = (side + 1) // 2 if self.pool == "stride" else side // 2
+        return self.hidden * side * side
+
+    def init_params(self, generator: torch.Generator | None = None) -> Params:
+        params: Params = {}
+        channels = self.in_channels
+        for i in range(self.blocks):
+            weight = torch.empty(self.hidden, channels, 3, 3)
+            torch.nn.init.xavier_uniform_(weight, generator=generator)
+            params[f"conv{i}.weight"] = weight
+            params[f"conv{i}.bias"] = torch.zeros(self.hidden)
+            params[f"bn{i}.weight"] = torch.ones(self.hidden)
+            params[f"bn{i}.bias"] = torch.zeros(self.hidden)
+            channels = self.hidden
+        head = torch.empty(self.ways, self.feature_dim)
+        torch.nn.init.xavier_uniform_(head, generator=generator)
+        params["head.weight"] = head
+        params["head.bias"] = torch.zeros(self.ways)
+        return params
+
+    def features(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
+        stride = 2 if self.pool == "stride" else 1
+        h = layers.to_layout(x, impl)
+        for i in range(self.blocks):
+            h = layers.conv2d(h, params[f"conv{i}.weight"], params[f"conv{i}.bias"], stride, impl)
+            h = layers.batch_norm(h, params[f"bn{i}.weight"], params[f"bn{i}.bias"], impl)
+            h = torch.relu(h)
+            if self.pool == "max":
+                h = layers.max_pool2(h, impl)
+        h = layers.to_nchw(h, impl)
+        if self.readout == "mean":
+            return h.mean(dim=(2, 3))
+        return h.flatten(1)
+
+    def head(self, params: Params, features: Tensor) -> Tensor:
+        return features @ params["head.weight"].t() + params["head.bias"]
+
+    def __call__(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
+        return self.head(params, self.features(params, x, impl))

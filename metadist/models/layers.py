@@ -1,0 +1,73 @@
+"""Functional layers with two interchangeable implementations.
+
+``native`` uses PyTorch's NCHW convolution and pooling kernels: the fastest choice when
+every task shares one set of weights, and the reference the other path is tested against.
+
+``matmul`` works channels-last and computes each 3x3 convolution as one im2col matrix
+product. Under ``torch.func.vmap`` with per-task weights (every task after its first
+inner step) that product becomes a single ``bmm`` over tasks, whereas vmap turns the
+native convolution into a grouped convolution, which is several times slower on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BN_EPS = 1e-5
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor, stride: int, impl: str) -> Tensor:
+    """3x3 'same' convolution; ``x`` is NCHW for ``native`` and NHWC for ``matmul``."""
+    if impl == "native":
+        return F.conv2d(x, weight, bias, stride=stride, padding=1)
+    n, h, w, c = x.shape
+    out_channels, _, kh, kw = weight.shape
+    padded = F.pad(x, (0, 0, 1, 1, 1, 1))
+    h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+    # im2col from strided slices rather than Tensor.unfold: slicing has vmap batching
+    # rules for its backward, unfold_backward does not (it falls back to a slow loop).
+    cols = torch.cat(
+        [
+            padded[:, dy : dy + stride * (h_out - 1) + 1 : stride,
+                   dx : dx + stride * (w_out - 1) + 1 : stride]
+            for dy in range(kh)
+            for dx in range(kw)
+        ],
+        dim=-1,
+    ).reshape(n * h_out * w_out, kh * kw * c)
+    w_mat = weight.permute(0, 2, 3, 1).reshape(out_channels, kh * kw * c)
+    out = torch.addmm(bias, cols, w_mat.t())
+    return out.view(n, h_out, w_out, out_channels)
+
+
+def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
+    """Batch norm with the batch's own statistics (no running averages).
+
+    This is the transductive setting of Finn et al. (2017): every episode, support and
+    query alike, is normalised with its own statistics, at training and at test time.
+    """
+    if impl == "native":
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=BN_EPS)
+    mean = x.mean(dim=(0, 1, 2))
+    var = x.var(dim=(0, 1, 2), unbiased=False)
+    return (x - mean) * torch.rsqrt(var + BN_EPS) * weight + bias
+
+
+def max_pool2(x: Tensor, impl: str) -> Tensor:
+    """2x2 max pooling, stride 2, dropping an odd last row/column like ``max_pool2d``."""
+    if impl == "native":
+        return F.max_pool2d(x, 2)
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).amax(dim=(2, 4))
+
+
+def to_layout(x: Tensor, impl: str) -> Tensor:
+    """NCHW input to the layout ``impl`` computes in."""
+    return x if impl == "native" else x.permute(0, 2, 3, 1)
+
+
+def to_nchw(x: Tensor, impl: str) -> Tensor:
+    return x if impl == "native" else x.permute(0, 3, 1, 2)

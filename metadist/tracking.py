@@ -1,0 +1,138 @@
+"""MLflow tracking of a run: params (the flattened config), tags, curves, artifacts.
+
+The embedded default is a SQLite store in the working directory (MLflow 3 refuses a bare
+file store); ``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` point elsewhere, e.g.
+at an ``mlflow server`` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+from metadist.config import Config, flatten
+
+
+def tracking_uri(config: Config) -> str:
+    return (
+        config.tracking.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    )
+
+
+class MLflowTracker:
+    """One MLflow run; a metric that fails to log is kept and retried, never fatal."""
+
+    def __init__(self, config: Config) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.config = config
+        self.uri = tracking_uri(config)
+        self.pending: list[tuple[dict[str, float], int]] = []
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            # Fails fast, before any compute is spent, when the store is unreachable.
+            mlflow.set_experiment(config.tracking.experiment)
+        except Exception as err:
+            raise RuntimeError(
+                f"MLflow tracking store {self.uri!r} is not usable: {err}. Set "
+                "tracking.tracking_uri / MLFLOW_TRACKING_URI, or tracking.enabled=false."
+            ) from None
+
+    def __enter__(self) -> MLflowTracker:
+        cfg = self.config
+        self.run = self.mlflow.start_run(run_name=cfg.tracking.run_name or cfg.name)
+        self.mlflow.log_params({k: str(v) for k, v in flatten(cfg).items()})
+        self.mlflow.set_tags({
+            "algorithm": cfg.algorithm.name,
+            "dataset": Path(cfg.data.dataset).name,
+            "ways": cfg.data.ways,
+            "shots": cfg.data.shots,
+            "git_commit": git_commit(),
+        })
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.flush()
+        self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.pending.append((metrics, step))
+        self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            metrics, step = self.pending[0]
+            try:
+                self.mlflow.log_metrics(metrics, step=step)
+            except Exception as err:
+                warnings.warn(
+                    f"MLflow logging failed ({err}); {len(self.pending)} metric records "
+                    "kept and retried at the next log call",
+                    stacklevel=2,
+                )
+                return
+            self.pending.pop(0)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path)
+
+    def log_result(self, result: dict[str, Any], history: list[dict[str, float]]) -> None:
+        run_dir = Path(result["run_dir"])
+        plot = plot_curves(history, run_dir / "curves.png", title=self.config.name)
+        for name in ("config.yaml", "result.json", "history.json"):
+            self.log_artifact(run_dir / name)
+        if plot is not None:
+            self.log_artifact(plot)
+        self.log_artifact(result["checkpoint"], "checkpoints")
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> Path | None:
+    """Learning curves as a PNG: training loss, training and validation accuracy (or MSE)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(steps, [h["train_loss"] for h in history], lw=0.8, label="meta-train loss")
+    axes[0].set_xlabel("meta-step")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    for key, label in (("train_accuracy", "meta-train query accuracy"),
+                       ("val_accuracy", "validation accuracy"), ("val_mse", "validation MSE")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            xs, ys = zip(*points)
+            axes[1].plot(xs, ys, marker="o" if key.startswith("val") else None, lw=0.8,
+                         ms=3, label=label)
+    axes[1].set_xlabel("meta-step")
+    axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
