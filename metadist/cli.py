@@ -13,9 +13,11 @@ from metadist.config import ConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from metadist.tracking import TrackingError
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrackingError) as err:
         print(f"metadist: error: {err}", file=sys.stderr)
         return 2
 

@@ -96,22 +96,20 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides (dotted keys, e.g. algorithm.inner_lr=0.1)."""
-    schema = OmegaConf.structured(Config)
-    layers = [schema]
+    """Defaults <- YAML file <- ``key=value`` overrides (dotted, e.g. algorithm.inner_lr=0.1)."""
+    merged = OmegaConf.structured(Config)
     where = "defaults"
     try:
         if path is not None:
             where = str(path)
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))  # YAML safe loading
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))  # YAML safe loading
         where = f"command-line overrides {list(overrides)}"
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         if OmegaConf.is_missing(merged, "name"):
             merged.name = Path(path).stem if path is not None else "run"
         config = OmegaConf.to_object(merged)

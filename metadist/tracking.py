@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,26 @@ def tracking_uri(config: Config) -> str:
     )
 
 
+class TrackingError(RuntimeError):
+    pass
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An MLflow server that does not answer is an error now, not after MLflow's retries
+    (minutes of back-off) and not after the compute has been spent."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except OSError as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({err}). Start it, point "
+            "tracking.tracking_uri / MLFLOW_TRACKING_URI elsewhere, or set "
+            "tracking.enabled=false."
+        ) from None
+
+
 class MLflowTracker:
     """One MLflow run; a metric that fails to log is kept and retried, never fatal."""
 
@@ -34,12 +55,13 @@ class MLflowTracker:
         self.config = config
         self.uri = tracking_uri(config)
         self.pending: list[tuple[dict[str, float], int]] = []
+        check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         try:
             # Fails fast, before any compute is spent, when the store is unreachable.
             mlflow.set_experiment(config.tracking.experiment)
         except Exception as err:
-            raise RuntimeError(
+            raise TrackingError(
                 f"MLflow tracking store {self.uri!r} is not usable: {err}. Set "
                 "tracking.tracking_uri / MLFLOW_TRACKING_URI, or tracking.enabled=false."
             ) from None

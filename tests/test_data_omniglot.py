@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import real_data
 
 from metadist.data.convert import convert_omniglot
 from metadist.data.episodes import EpisodeSampler
 from metadist.data.schema import DatasetInfo, Manifest
 from metadist.data.store import ClassStore
-
-
-def real_data(*parts: str) -> Path:
-    """A path under the real data directory; fails (never skips) when it is missing."""
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    path = Path(os.environ.get("METADIST_DATA_DIR") or default).joinpath(*parts)
-    if not path.exists():
-        pytest.fail(
-            f"real test data not found: {path} does not exist. Set METADIST_DATA_DIR to the "
-            "folder holding omniglot/ and miniimagenet/ (default <repo>/../shared/data).",
-            pytrace=False,
-        )
-    return path
 
 
 def make_tiny_omniglot(

@@ -8,7 +8,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvf
 
 _BATCH = 512  # images read ahead per decode round
 # Modes whose pixels carry no colour; anything else is stored/decoded as RGB.
@@ -67,3 +70,38 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
         im = im.convert("L" if channels == 1 else "RGB")
         array = np.asarray(im, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [..., C, H, W] to [..., C, size, size]: the one resize of training and use."""
+    if list(images.shape[-2:]) != [size, size]:
+        images = tvf.resize(
+            images, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True
+        )
+    return images.contiguous()
+
+
+def load_image(item: object, channels: int, size: int) -> torch.Tensor:
+    """A file path, PIL image or array (H, W[, C], uint8 or floats in [0, 1]) as the uint8
+    [C, size, size] tensor the stored images decode to."""
+    if isinstance(item, str | os.PathLike):
+        with Image.open(item) as im:
+            im.load()
+            image = im
+    elif isinstance(item, Image.Image):
+        image = item
+    else:
+        array = item.numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.ndim not in (2, 3):
+            raise ValueError(f"image array must be (H, W) or (H, W, C), got shape {array.shape}")
+        image = Image.fromarray(array)
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return resize(torch.from_numpy(array.copy()).permute(2, 0, 1), size)

@@ -19,10 +19,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as tvf
 
-from metadist.data.images import decode_image
+from metadist.data.images import decode_image, resize
 from metadist.data.schema import MANIFEST_NAME, SHARD_SCHEMA, ClassEntry, Manifest
 from metadist.data.writer import sha256_file
 
@@ -153,21 +151,12 @@ class ClassStore:
                     f"{path}: class {entry.label!r}, row {j} of row group {entry.row_group} "
                     f"(source {row['path']}): cannot decode image ({type(exc).__name__}: {exc})"
                 ) from exc
-        size = [self.image_size, self.image_size]
         if len({a.shape for a in arrays}) == 1:
             batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-            return self._resize(batch, size)
+            return resize(batch, self.image_size)
         return torch.stack(
-            [self._resize(torch.from_numpy(a).permute(2, 0, 1), size) for a in arrays]
+            [resize(torch.from_numpy(a).permute(2, 0, 1), self.image_size) for a in arrays]
         )
-
-    @staticmethod
-    def _resize(images: torch.Tensor, size: list[int]) -> torch.Tensor:
-        if list(images.shape[-2:]) != size:
-            images = tvf.resize(
-                images, size, interpolation=InterpolationMode.BILINEAR, antialias=True
-            )
-        return images.contiguous()
 
     def _file(self, shard: str) -> pq.ParquetFile:
         # A forked worker must not share the parent's file handles; reopen per process.

@@ -1,0 +1,117 @@
+"""Use a meta-trained model on your own few-shot task.
+
+    from metadist import Learner
+    learner = Learner.load("runs/.../checkpoints/final.pt")
+    adapted = learner.adapt(support_images, support_labels)
+    adapted.predict(query_images)
+
+Images may be file paths, PIL images or arrays of any size; they are decoded, resized and
+normalised exactly as the training data was. Labels may be any hashable values (class
+names); there must be as many distinct labels as the model has ways. Batch norm uses
+each batch's own statistics, as in training (transductive): predict a task's queries
+together, not one image at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from metadist.algorithms import MetaStep, adapt
+from metadist.checkpoint import load_checkpoint
+from metadist.data.episodes import Preprocessing
+from metadist.data.images import load_image
+from metadist.models import model_from_spec
+
+
+class Learner:
+    """A meta-learned initialisation plus the inner loop that adapts it to a task."""
+
+    def __init__(self, model, params: dict[str, Tensor], preprocessing: Preprocessing | None,
+                 step: MetaStep, device: torch.device) -> None:
+        self.model, self.params, self.preprocessing = model, params, preprocessing
+        self.step, self.device = step, device
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Learner:
+        state = load_checkpoint(checkpoint, map_location=device)
+        algorithm = state["config"]["algorithm"]
+        step = MetaStep(algorithm["name"], algorithm["inner_lr"], algorithm["test_inner_steps"],
+                        first_order=True)
+        pre = state.get("preprocessing")
+        preprocessing = Preprocessing(**pre) if pre is not None else None
+        params = {k: v.to(device) for k, v in state["params"].items()}
+        return cls(model_from_spec(state["model"]), params, preprocessing, step,
+                   torch.device(device))
+
+    @property
+    def ways(self) -> int | None:
+        return getattr(self.model, "ways", None)
+
+    def inputs(self, items) -> Tensor:
+        """Images (or, for regression models, feature rows) as the model's input batch."""
+        if self.preprocessing is None:
+            x = torch.as_tensor(items, dtype=torch.float32)
+            return (x[:, None] if x.ndim == 1 else x).to(self.device)
+        if len(items) == 0:
+            raise ValueError("no images given")
+        pre = self.preprocessing
+        images = []
+        for i, item in enumerate(items):
+            try:
+                images.append(load_image(item, pre.channels, pre.image_size))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"image {i} ({_describe(item)}): {err}") from None
+        return pre.apply(torch.stack(images)).to(self.device)
+
+    def adapt(self, support, labels: Sequence[Hashable], *, steps: int | None = None,
+              lr: float | None = None) -> AdaptedLearner:
+        x = self.inputs(support)
+        if self.preprocessing is None:  # regression: labels are target values
+            classes = None
+            y = torch.as_tensor(labels, dtype=torch.float32).reshape(len(x), -1).to(self.device)
+        else:
+            classes = list(dict.fromkeys(labels))
+            if len(labels) != len(x):
+                raise ValueError(f"{len(x)} support images but {len(labels)} labels")
+            if len(classes) != self.ways:
+                raise ValueError(
+                    f"the model was meta-trained for {self.ways}-way tasks; the support set "
+                    f"has {len(classes)} distinct labels"
+                )
+            index = {c: i for i, c in enumerate(classes)}
+            y = torch.tensor([index[label] for label in labels], device=self.device)
+        keys = self.model.head_keys if self.step.algorithm == "anil" else None
+        params = {k: v.detach() for k, v in self.params.items()}
+        with torch.enable_grad():
+            adapted = adapt(self.model, params, x, y, lr=lr or self.step.inner_lr,
+                            steps=steps or self.step.inner_steps, first_order=True, keys=keys)
+        return AdaptedLearner(self, {k: v.detach() for k, v in adapted.items()}, classes)
+
+
+class AdaptedLearner:
+    """A model adapted to one task's support set."""
+
+    def __init__(self, learner: Learner, params: dict[str, Tensor], classes: list | None):
+        self.learner, self.params, self.classes = learner, params, classes
+
+    @torch.no_grad()
+    def predict_proba(self, queries) -> Tensor:
+        out = self.learner.model(self.params, self.learner.inputs(queries))
+        return out.softmax(-1) if self.classes is not None else out
+
+    def predict(self, queries) -> list:
+        """The predicted label of each query (regression: the predicted values)."""
+        out = self.predict_proba(queries)
+        if self.classes is None:
+            return out.squeeze(-1).tolist()
+        return [self.classes[i] for i in out.argmax(-1).tolist()]
+
+
+def _describe(item: object) -> str:
+    if isinstance(item, str | Path):
+        return str(item)
+    return type(item).__name__

@@ -1,0 +1,105 @@
+"""The Learner API: load a checkpoint, adapt to a user's own few-shot task, predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from metadist import Learner
+from metadist.algorithms import MetaStep, adapted_scores
+from metadist.config import load_config
+from metadist.data import ClassStore, EpisodeSampler, Manifest, Preprocessing
+from metadist.data.episodes import MetaBatch
+from metadist.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(omniglot_small, tmp_path_factory) -> str:
+    cfg = load_config(ROOT / "configs" / "omniglot_5w1s_maml.yaml", [
+        f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path_factory.mktemp('r')}",
+        "train.steps=2", "algorithm.meta_batch_size=2", "train.val_every=0",
+        "eval.episodes=5", "train.progress=false", "tracking.enabled=false",
+        "train.inner_loop=loop",
+    ])
+    return train(cfg)["checkpoint"]
+
+
+def test_files_are_preprocessed_exactly_like_the_training_data(checkpoint, omniglot_small,
+                                                                tmp_path):
+    store = ClassStore(omniglot_small / "test", image_size=28, channels=1)
+    pre = Preprocessing.from_manifest(Manifest.load(omniglot_small / "test" / "manifest.json"))
+    entry = Manifest.load(omniglot_small / "test" / "manifest.json").classes[0]
+    rows = pq.ParquetFile(omniglot_small / "test" / entry.shard).read_row_group(
+        entry.row_group, columns=["image"]).column("image").to_pylist()
+    files = []
+    for j in range(3):
+        files.append(tmp_path / f"{j}.png")
+        files[-1].write_bytes(rows[j]["bytes"])
+    learner = Learner.load(checkpoint)
+    expected = pre.apply(store.load_class(0)[:3])
+    torch.testing.assert_close(learner.inputs([str(f) for f in files]), expected)
+
+
+def test_adapt_and_predict_match_the_evaluation_path(checkpoint, omniglot_small):
+    learner = Learner.load(checkpoint)
+    store = ClassStore(omniglot_small / "test", image_size=28, channels=1)
+    sampler = EpisodeSampler(store, ways=5, shots=1, queries=3, seed=4,
+                             preprocessing=learner.preprocessing)
+    plan = sampler.plan(0)
+    names = ["alpha", "beta", "gamma", "delta", "eps"]
+    support, support_labels, query, query_labels = [], [], [], []
+    for label, (cls, examples) in enumerate(zip(plan.classes, plan.examples)):
+        images = store.load_examples(int(cls), examples)  # uint8 [K+Q, 1, 28, 28]
+        arrays = [img[0].numpy() for img in images]  # what a user might hold: HxW arrays
+        support += arrays[:1]
+        support_labels += [names[label]]
+        query += arrays[1:]
+        query_labels += [names[label]] * 3
+    adapted = learner.adapt(support, support_labels)
+    predicted = adapted.predict(query)
+    assert set(predicted) <= set(names)
+    user_accuracy = np.mean([p == t for p, t in zip(predicted, query_labels)])
+
+    episode = sampler.episode(0)
+    batch = MetaBatch(*(t[None] for t in episode))
+    _, acc = adapted_scores(learner.model, learner.params, batch, learner.step)
+    assert user_accuracy == pytest.approx(acc.item())
+    proba = adapted.predict_proba(query)
+    assert proba.shape == (15, 5)
+    torch.testing.assert_close(proba.sum(-1), torch.ones(15))
+
+
+def test_any_image_size_and_type(checkpoint, tmp_path):
+    learner = Learner.load(checkpoint)
+    rng = np.random.default_rng(0)
+    support = [
+        Image.fromarray(rng.integers(0, 255, (105, 105), dtype=np.uint8)),
+        rng.integers(0, 255, (50, 60), dtype=np.uint8),
+        rng.random((28, 28)),  # floats in [0, 1]
+        rng.integers(0, 255, (40, 40, 3), dtype=np.uint8),  # colour: converted to grey
+        torch.rand(1, 33, 33),
+    ]
+    path = tmp_path / "x.jpg"
+    Image.fromarray(rng.integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(path)
+    adapted = learner.adapt(support, [0, 1, 2, 3, 4])
+    assert all(p in range(5) for p in adapted.predict([str(path), support[0]]))
+
+
+def test_bad_input_is_named(checkpoint, tmp_path):
+    learner = Learner.load(checkpoint)
+    images = [np.zeros((28, 28), dtype=np.uint8)] * 5
+    with pytest.raises(ValueError, match="5-way tasks; the support set has 3 distinct labels"):
+        learner.adapt(images, ["a", "b", "c", "a", "b"])
+    with pytest.raises(ValueError, match="5 support images but 4 labels"):
+        learner.adapt(images, ["a", "b", "c", "d"])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        learner.adapt([str(broken)] + images[:4], list("abcde"))

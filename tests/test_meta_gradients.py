@@ -1,0 +1,203 @@
+"""Correctness of the meta-gradients: against finite differences, closed forms, the
+first-order/second-order decomposition, and between the loop and the vmap paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metadist.algorithms import MetaStep, adapted_scores, meta_gradient
+from metadist.algorithms.inner_loop import task_loss
+from metadist.data.episodes import MetaBatch
+from metadist.models import MLP, Conv4
+
+
+def image_batch(tasks=3, ways=3, shots=1, queries=2, size=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return MetaBatch(
+        torch.randn(tasks, ways * shots, 1, size, size, generator=g, dtype=dtype),
+        torch.arange(ways).repeat(shots).expand(tasks, -1).clone(),
+        torch.randn(tasks, ways * queries, 1, size, size, generator=g, dtype=dtype),
+        torch.arange(ways).repeat(queries).expand(tasks, -1).clone(),
+    )
+
+
+def small_conv(pool="max", dtype=torch.float32, ways=3, size=16):
+    model = Conv4(ways=ways, hidden=4, image_size=size, pool=pool)
+    params = model.init_params(torch.Generator().manual_seed(1))
+    return model, {k: v.to(dtype).requires_grad_() for k, v in params.items()}
+
+
+def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def outer_loss(model, params, batch, step):
+    """The meta-objective as a plain function of the parameters (sum over tasks)."""
+    total = 0.0
+    for t in range(batch.support_x.shape[0]):
+        p = params
+        for _ in range(step.inner_steps):
+            g = torch.autograd.grad(
+                task_loss(model, p, batch.support_x[t], batch.support_y[t]),
+                list(p.values()), create_graph=True,
+            )
+            p = {k: v - step.inner_lr * gi for (k, v), gi in zip(p.items(), g)}
+        total = total + task_loss(model, p, batch.query_x[t], batch.query_y[t])
+    return total
+
+
+@pytest.mark.parametrize("pool", ["max", "stride"])
+@pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
+def test_maml_meta_gradient_matches_finite_differences(pool, inner_loop):
+    torch.manual_seed(0)
+    model, params = small_conv(pool, torch.float64)
+    batch = image_batch(tasks=2, dtype=torch.float64)
+    step = MetaStep("maml", inner_lr=0.3, inner_steps=2)
+    grads, _ = meta_gradient(model, params, batch, step, inner_loop=inner_loop)
+    eps = 1e-6
+    g = torch.Generator().manual_seed(3)
+    for name in ("conv0.weight", "conv2.weight", "bn1.weight", "bn3.bias", "head.weight"):
+        for _ in range(2):
+            idx = tuple(torch.randint(0, s, (1,), generator=g).item() for s in params[name].shape)
+            values = []
+            for sign in (1, -1):
+                shifted = {k: v.detach().clone() for k, v in params.items()}
+                shifted[name][idx] += sign * eps
+                with torch.enable_grad():
+                    shifted = {k: v.requires_grad_() for k, v in shifted.items()}
+                    values.append(outer_loss(model, shifted, batch, step).item())
+            fd = (values[0] - values[1]) / (2 * eps)
+            assert grads[name][idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, idx)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "reptile"])
+@pytest.mark.parametrize("pool", ["max", "stride"])
+def test_vmap_and_loop_give_the_same_meta_gradient(algorithm, pool):
+    # 28x28 keeps >= 2x2 maps in the last block, so the support set's batch-norm statistics
+    # are not taken over 3 numbers (ill-conditioned, amplifies float32 round-off).
+    model, params = small_conv(pool, size=28)
+    batch = image_batch(tasks=5, size=28)
+    step = MetaStep(algorithm, inner_lr=0.4, inner_steps=2)
+    ref, ref_metrics = meta_gradient(model, params, batch, step, inner_loop="loop")
+    for chunk in (0, 2):
+        got, metrics = meta_gradient(model, params, batch, step, inner_loop="vmap", chunk=chunk)
+        assert flat(ref).norm() > 0
+        torch.testing.assert_close(flat(got), flat(ref), rtol=1e-4, atol=1e-5)
+        assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5)
+        assert metrics["accuracy"] == pytest.approx(ref_metrics["accuracy"])
+
+
+def test_vmap_and_loop_agree_on_sinusoid_mlp():
+    from metadist.data.sinusoid import SinusoidTasks
+
+    model = MLP()
+    params = {k: v.requires_grad_() for k, v in model.init_params().items()}
+    batch = SinusoidTasks(shots=10, queries=10, seed=0).meta_batch(0, 6)
+    for algorithm in ("maml", "fomaml", "reptile"):
+        step = MetaStep(algorithm, inner_lr=0.01, inner_steps=3)
+        ref, _ = meta_gradient(model, params, batch, step, inner_loop="loop")
+        got, _ = meta_gradient(model, params, batch, step, inner_loop="vmap")
+        torch.testing.assert_close(flat(got), flat(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_first_order_maml_is_maml_minus_the_second_order_term():
+    # One inner step: ∇θ L_q(θ - α∇L_s(θ)) = (I - α H_s(θ)) ∇L_q(φ), and FOMAML keeps ∇L_q(φ).
+    model, params = small_conv("stride", torch.float64)
+    batch = image_batch(tasks=1, dtype=torch.float64)
+    alpha = 0.3
+    maml, _ = meta_gradient(model, params, batch, MetaStep("maml", alpha, 1))
+    fomaml, _ = meta_gradient(model, params, batch, MetaStep("fomaml", alpha, 1))
+    sx, sy, qx, qy = (t[0] for t in batch)
+
+    def support_grad(p):
+        return torch.func.grad(lambda q: task_loss(model, q, sx, sy))(p)
+
+    theta = {k: v.detach() for k, v in params.items()}
+    phi = {k: theta[k] - alpha * g for k, g in support_grad(theta).items()}
+    v = torch.func.grad(lambda q: task_loss(model, q, qx, qy))(phi)
+    _, hvp = torch.func.jvp(support_grad, (theta,), (v,))
+    second_order = {k: -alpha * hvp[k] for k in theta}
+    assert flat(second_order).norm() > 1e-6 * flat(maml).norm()  # the term is not negligible
+    torch.testing.assert_close(flat(fomaml), flat(v))
+    torch.testing.assert_close(
+        flat(maml), flat(fomaml) + flat(second_order), rtol=1e-7, atol=1e-10
+    )
+
+
+def test_maml_closed_form_for_linear_regression():
+    # f(x) = w·x + b, squared loss; one inner step has a closed-form meta-gradient.
+    torch.manual_seed(0)
+    d, n, m, alpha = 4, 6, 5, 0.05
+    model = MLP(in_features=d, hidden=(), out_features=1)
+    params = {k: v.double().requires_grad_() for k, v in model.init_params().items()}
+    xs, xq = torch.randn(1, n, d, dtype=torch.float64), torch.randn(1, m, d, dtype=torch.float64)
+    ys, yq = torch.randn(1, n, 1, dtype=torch.float64), torch.randn(1, m, 1, dtype=torch.float64)
+    batch = MetaBatch(xs, ys, xq, yq)
+    grads, _ = meta_gradient(model, params, batch, MetaStep("maml", alpha, 1))
+
+    def aug(x):
+        return torch.cat([x[0], torch.ones(x.shape[1], 1, dtype=x.dtype)], dim=1)
+
+    xa, qa = aug(xs), aug(xq)
+    theta = torch.cat([params["head.weight"].detach().flatten(), params["head.bias"].detach()])
+    a = 2.0 / n * xa.T @ xa
+    phi = theta - alpha * (a @ theta - 2.0 / n * xa.T @ ys[0, :, 0])
+    expected = (torch.eye(d + 1, dtype=torch.float64) - alpha * a).T @ (
+        2.0 / m * qa.T @ (qa @ phi - yq[0, :, 0])
+    )
+    got = torch.cat([grads["head.weight"].flatten(), grads["head.bias"]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_reptile_outer_step_is_beta_times_phi_minus_theta():
+    model, params = small_conv("stride")
+    batch = image_batch(tasks=3)
+    alpha, beta, steps = 0.1, 0.5, 3
+    grads, _ = meta_gradient(model, params, batch, MetaStep("reptile", alpha, steps))
+    # φ of each task by an independent plain-SGD loop over a module-free copy.
+    phis = []
+    for t in range(3):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        opt = torch.optim.SGD(p.values(), lr=alpha)
+        for _ in range(steps):
+            opt.zero_grad()
+            task_loss(model, p, batch.support_x[t], batch.support_y[t]).backward()
+            opt.step()
+        phis.append({k: v.detach() for k, v in p.items()})
+    theta = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    opt = torch.optim.SGD(theta.values(), lr=beta)
+    for k, v in theta.items():
+        v.grad = grads[k] / 3
+    opt.step()
+    for k in theta:
+        mean_phi = sum(phi[k] for phi in phis) / 3
+        expected = params[k].detach() + beta * (mean_phi - params[k].detach())
+        torch.testing.assert_close(theta[k].detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_anil_adapts_only_the_head():
+    model, params = small_conv("stride")
+    batch = image_batch(tasks=2)
+    step = MetaStep("anil", 0.4, 2)
+    from metadist.algorithms.meta import _run_tasks
+
+    _, _, adapted = _run_tasks(model, params, *batch, step, "loop", outer_graph=False)
+    for k in params:
+        changed = not torch.equal(adapted[k][0], params[k].detach())
+        assert changed == (k in model.head_keys), k
+
+
+def test_adapted_scores_are_the_same_on_both_paths():
+    model, params = small_conv("max")
+    batch = image_batch(tasks=4, queries=5)
+    step = MetaStep("maml", 0.4, 3)
+    loss_a, acc_a = adapted_scores(model, params, batch, step, inner_loop="loop")
+    loss_b, acc_b = adapted_scores(model, params, batch, step, inner_loop="vmap", chunk=3)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc_a, acc_b)
+
+
+def test_unknown_algorithm_is_rejected():
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        MetaStep("protonet")
