@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
-from metadist.config import ConfigError
+from metadist.config import ConfigError, uses_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="meta-train from a YAML config, then meta-test")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
-    p.add_argument("--resume", help="continue from this checkpoint")
+    p.add_argument("--resume", help="continue from this checkpoint (same as resume=PATH)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="meta-test a checkpoint on held-out classes")
@@ -72,20 +73,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from metadist.config import load_config
-    from metadist.train import train
 
     config = load_config(resolve_config(args.config), args.overrides)
-    if not config.tracking.enabled:
-        result = train(config, resume=args.resume)
-    else:
+    if args.resume:
+        config.resume = args.resume
+    tracker = None
+    if config.tracking.enabled:
         from metadist.tracking import MLflowTracker
 
-        with MLflowTracker(config) as tracker:
-            result = train(config, tracker, resume=args.resume)
+        tracker = MLflowTracker(config)  # fails here, before any compute, if unreachable
+    with tracker or contextlib.nullcontext():
+        result = run_training(config, tracker)
+        if tracker is not None:
             result["mlflow_run_id"] = tracker.run_id
             result["mlflow_tracking_uri"] = tracker.uri
     print_result(result)
     return 0
+
+
+def run_training(config, tracker) -> dict:
+    """In this process, or on Ray Train when ``workers > 1`` (or ``ray.enabled=true``)."""
+    if not uses_ray(config):
+        from metadist.train import train
+
+        return train(config, tracker)
+    from metadist.ray_train import train_on_ray
+
+    return train_on_ray(
+        config,
+        mlflow_run_id=tracker.run_id if tracker is not None else None,
+        tracking_uri=tracker.uri if tracker is not None else None,
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -81,14 +81,30 @@ class TrackingConfig:
 
 
 @dataclass
+class RayConfig:
+    enabled: bool | None = None  # None: Ray Train when workers > 1, one local process otherwise
+    address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started for the run
+    use_gpu: bool = False  # one GPU per worker, NCCL; gloo on CPU
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
+    storage_path: str | None = None  # Ray Train run storage; None: <train.output_dir>/ray
+    actors: int = 2  # episode pipeline actors per worker (0: sample in the worker itself)
+    actor_cpus: float = 0.25
+    prefetch: int = 4  # meta-batches in flight per worker
+
+
+@dataclass
 class Config:
     name: str = MISSING
+    workers: int = 1
+    resume: str | None = None  # a checkpoint to continue from
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 class ConfigError(ValueError):
@@ -171,6 +187,8 @@ def validate(config: Config) -> None:
         "algorithm.meta_batch_size": config.algorithm.meta_batch_size,
         "eval.episodes": config.eval.episodes,
         "eval.batch_size": config.eval.batch_size,
+        "workers": config.workers,
+        "ray.prefetch": config.ray.prefetch,
     }
     for key, value in positive.items():
         if value < 1:
@@ -181,6 +199,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     if config.train.steps < 0:
         raise ConfigError(f"train.steps={config.train.steps} must be >= 0")
+
+
+def uses_ray(config: Config) -> bool:
+    """Ray Train runs the workers when asked, or when there is more than one."""
+    return config.ray.enabled if config.ray.enabled is not None else config.workers > 1
 
 
 def _first_line(err: Exception) -> str:

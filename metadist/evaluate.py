@@ -12,6 +12,7 @@ import torch
 
 from metadist.algorithms import MetaStep, adapted_scores
 from metadist.data.episodes import MetaBatch
+from metadist.data.streams import episode_batch
 
 
 def meta_test(
@@ -28,18 +29,45 @@ def meta_test(
     protocol: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Episodes 0..episodes-1 of ``episodes_source`` (a sampler seeded for evaluation)."""
-    losses, accs = [], []
-    classification = True
-    for start in range(0, episodes, batch_size):
-        size = min(batch_size, episodes - start)
-        batch = _episodes(episodes_source, start, size)
+    loss, acc, classification = episode_scores(
+        model, params, episodes_source, step, start=0, stop=episodes, batch_size=batch_size,
+        inner_loop=inner_loop, chunk=chunk, device=device,
+    )
+    return summarize(loss, acc, classification, step, protocol)
+
+
+def episode_scores(
+    model,
+    params: dict[str, torch.Tensor],
+    source,
+    step: MetaStep,
+    *,
+    start: int,
+    stop: int,
+    batch_size: int = 50,
+    inner_loop: str = "loop",
+    chunk: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per-episode query (loss, accuracy) of episodes start..stop-1, float64 on the CPU."""
+    losses, accs = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
+    classification = not source.episode(0).query_y.is_floating_point()
+    for lo in range(start, stop, batch_size):
+        batch = episode_batch(source, lo, min(lo + batch_size, stop))
         batch = MetaBatch(*(t.to(device) for t in batch))
-        classification = not batch.query_y.is_floating_point()
         loss, acc = adapted_scores(model, params, batch, step, inner_loop=inner_loop, chunk=chunk)
-        losses.append(loss.cpu())
-        accs.append(acc.cpu())
-    loss = torch.cat(losses).double()
-    acc = torch.cat(accs).double()
+        losses.append(loss.cpu().double())
+        accs.append(acc.cpu().double())
+    return torch.cat(losses), torch.cat(accs), classification
+
+
+def summarize(
+    loss: torch.Tensor,
+    acc: torch.Tensor,
+    classification: bool,
+    step: MetaStep,
+    protocol: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     values = acc if classification else loss
     report = {
         "metric": "accuracy" if classification else "mse",
@@ -47,7 +75,7 @@ def meta_test(
         "ci95": confidence_95(values),
         "loss": loss.mean().item(),
         "loss_ci95": confidence_95(loss),
-        "episodes": episodes,
+        "episodes": values.numel(),
         "inner_steps": step.inner_steps,
         "inner_lr": step.inner_lr,
         "batch_norm": "transductive (each episode's own statistics)",
@@ -60,12 +88,6 @@ def confidence_95(values: torch.Tensor) -> float:
     """Half-width of the normal-approximation 95% CI of the mean."""
     n = values.numel()
     return 1.96 * values.std(unbiased=False).item() / math.sqrt(n) if n else float("nan")
-
-
-def _episodes(source, start: int, size: int) -> MetaBatch:
-    # Episode i of the evaluation stream is the same whatever batch size groups it.
-    episodes = [source.episode(start + i) for i in range(size)]
-    return MetaBatch(*(torch.stack(parts) for parts in zip(*episodes)))
 
 
 def evaluate_checkpoint(

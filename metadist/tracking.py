@@ -17,7 +17,7 @@ from typing import Any
 from metadist.config import Config, flatten
 
 
-def tracking_uri(config: Config) -> str:
+def resolve_tracking_uri(config: Config) -> str:
     return (
         config.tracking.tracking_uri
         or os.environ.get("MLFLOW_TRACKING_URI")
@@ -48,12 +48,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 class MLflowTracker:
     """One MLflow run; a metric that fails to log is kept and retried, never fatal."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, *, tracking_uri: str | None = None, run_id: str | None = None
+    ) -> None:
+        """``run_id``: attach to a run the driver opened (Ray Train's rank 0 does this)."""
         import mlflow
 
         self.mlflow = mlflow
         self.config = config
-        self.uri = tracking_uri(config)
+        self.uri = tracking_uri or resolve_tracking_uri(config)
+        self.attach_to = run_id
         self.pending: list[tuple[dict[str, float], int]] = []
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
@@ -68,6 +72,9 @@ class MLflowTracker:
 
     def __enter__(self) -> MLflowTracker:
         cfg = self.config
+        if self.attach_to is not None:
+            self.run = self.mlflow.start_run(run_id=self.attach_to)
+            return self
         self.run = self.mlflow.start_run(run_name=cfg.tracking.run_name or cfg.name)
         self.mlflow.log_params({k: str(v) for k, v in flatten(cfg).items()})
         self.mlflow.set_tags({
@@ -82,6 +89,12 @@ class MLflowTracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.flush()
         self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+
+    def note_restart(self, step: int) -> None:
+        """Make a restart visible in the run: a counter tag and the step it resumed from."""
+        run = self.mlflow.get_run(self.run_id)
+        restarts = int(run.data.tags.get("restarts", "0")) + 1
+        self.mlflow.set_tags({"restarts": restarts, f"restart_{restarts}_from_step": step})
 
     @property
     def run_id(self) -> str:

@@ -1,7 +1,12 @@
 """The meta-training recipe, top to bottom: set-up, data, model, optimiser, the loop
-(meta-batch -> inner loops -> meta-gradient -> outer step), validation, checkpoints and
-the final meta-test. Tracking is handed in (MLflow in the CLI, nothing in plain PyTorch
-use); this module imports neither Ray nor MLflow.
+(meta-batch -> inner loops -> all-reduced meta-gradient -> outer step), validation,
+checkpoints and the final meta-test.
+
+The same function is the loop of every worker: one process, each rank under ``torchrun``,
+or each Ray Train worker (``metadist.ray_train``). When a process group is up, worker r
+runs the inner loops of its slice of every meta-batch, the summed meta-gradients are
+all-reduced, and every worker takes the same outer step. Tracking, checkpoint reporting
+and the episode source are handed in; this module imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,30 +27,47 @@ from metadist.algorithms import MetaStep, meta_gradient
 from metadist.checkpoint import load_checkpoint, save_checkpoint
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
-from metadist.data.streams import open_streams
-from metadist.evaluate import meta_test
+from metadist.data.streams import episode_batch, open_streams
+from metadist.distributed import all_reduce_sum, broadcast_from_rank0, rank_and_world, shard_bounds
+from metadist.evaluate import episode_scores, summarize
 from metadist.models import build_model, model_spec
 
 
 class NullTracker:
-    """Tracking that records nothing: the default outside the CLI."""
+    """Tracking that records nothing: the default outside the CLI, and on ranks > 0."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_result(self, result: dict[str, Any], history: list[dict[str, float]]) -> None: ...
 
 
-def train(config: Config, tracker=None, resume: str | Path | None = None) -> dict[str, Any]:
-    tracker = tracker or NullTracker()
+def train(
+    config: Config,
+    tracker=None,
+    resume: str | Path | None = None,
+    *,
+    batches: Callable[[int], MetaBatch] | None = None,
+    on_checkpoint: Callable[[int, Path | None, dict[str, float]], None] | None = None,
+    run_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Meta-train and meta-test. ``batches(step)`` overrides where this worker's share of
+    meta-batch ``step`` comes from (the Ray episode pipeline); ``on_checkpoint`` is called
+    on every worker after each checkpoint (rank 0 gets the path, the others None)."""
     cfg = config
+    rank, world = rank_and_world()
+    tracker = tracker if tracker is not None and rank == 0 else NullTracker()
+    resume = resume or cfg.resume
     # -- set-up ---------------------------------------------------------------
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    run_dir = Path(cfg.train.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if run_dir is None:
+        run_dir = Path(cfg.train.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    run_dir = Path(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     # -- data, model, optimiser -----------------------------------------------
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)
@@ -56,7 +79,9 @@ def train(config: Config, tracker=None, resume: str | Path | None = None) -> dic
     params = {
         k: v.to(device).requires_grad_() for k, v in model.init_params(generator).items()
     }
+    broadcast_from_rank0(list(params.values()))
     optimizer = make_optimizer(cfg, list(params.values()))
+    meta_batch_size = cfg.algorithm.meta_batch_size
     meta_step = MetaStep(
         cfg.algorithm.name, cfg.algorithm.inner_lr, cfg.algorithm.inner_steps,
         cfg.algorithm.first_order,
@@ -68,78 +93,115 @@ def train(config: Config, tracker=None, resume: str | Path | None = None) -> dic
     history: list[dict[str, float]] = []
     if resume is not None:
         start, history = restore(resume, params, optimizer)
+    lo, hi = shard_bounds(meta_batch_size, rank, world)
 
     def batch_at(step: int) -> MetaBatch:
-        batch = streams.train.meta_batch(step, cfg.algorithm.meta_batch_size)
+        if batches is not None:
+            batch = batches(step)
+        else:
+            batch = episode_batch(streams.train, step * meta_batch_size + lo,
+                                  step * meta_batch_size + hi)
         return MetaBatch(*(t.to(device) for t in batch))
 
     inner_loop = cfg.train.inner_loop
     if inner_loop == "auto":
-        inner_loop = pick_inner_loop(model, params, batch_at(start), meta_step, cfg.train.chunk)
+        # Every worker must run the same path; rank 0 (which always has tasks) decides.
+        choice = torch.tensor([0.0])
+        if rank == 0:
+            probe = episode_batch(streams.train, 0, max(hi - lo, 1))
+            probe = MetaBatch(*(t.to(device) for t in probe))
+            picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk)
+            choice[0] = float(picked == "vmap")
+        inner_loop = "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 
-    def checkpoint(step: int, name: str) -> Path:
-        return save_checkpoint(run_dir / "checkpoints" / name, {
-            "config": to_dict(cfg),
-            "model": model_spec(model),
-            "preprocessing": None if streams.preprocessing is None
-            else vars(streams.preprocessing),
-            "params": {k: v.detach().cpu() for k, v in params.items()},
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "history": history,
-        })
+    def checkpoint(step: int, name: str, metrics: dict[str, float]) -> Path | None:
+        path = None
+        if rank == 0:
+            path = save_checkpoint(run_dir / "checkpoints" / name, {
+                "config": to_dict(cfg),
+                "model": model_spec(model),
+                "preprocessing": None if streams.preprocessing is None
+                else vars(streams.preprocessing),
+                "params": {k: v.detach().cpu() for k, v in params.items()},
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "sampler": {"seed": cfg.train.seed, "next_episode": step * meta_batch_size},
+                "rng": rng_state(),
+                "history": history,
+            })
+        if on_checkpoint is not None:
+            on_checkpoint(step, path, metrics)
+        return path
 
-    def validate(source, episodes: int, split: str) -> dict[str, Any]:
-        return meta_test(
-            model, params, source, test_step, episodes=episodes,
+    def evaluate(source, episodes: int, split: str) -> dict[str, Any]:
+        # Each worker scores its slice of the episodes; the sum fills in everyone's gaps.
+        e_lo, e_hi = shard_bounds(episodes, rank, world)
+        loss, acc, classification = episode_scores(
+            model, params, source, test_step, start=e_lo, stop=e_hi,
             batch_size=cfg.eval.batch_size, inner_loop=inner_loop, chunk=cfg.train.chunk,
-            device=device, protocol=protocol(cfg, split, episodes),
+            device=device,
         )
+        full = torch.zeros(2, episodes, dtype=torch.float64)
+        full[0, e_lo:e_hi], full[1, e_lo:e_hi] = loss, acc
+        full = all_reduce_sum([full])[0]
+        return summarize(full[0], full[1], classification, test_step,
+                         protocol(cfg, split, episodes))
 
     # -- the loop ---------------------------------------------------------------
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
-               disable=not cfg.train.progress, desc=cfg.name, dynamic_ncols=True)
-    tasks_seen, t_start = 0, time.perf_counter()
+               disable=not cfg.train.progress or rank != 0, desc=cfg.name, dynamic_ncols=True)
+    tasks_seen, waited, t_start = 0, 0.0, time.perf_counter()
     for step in bar:
+        t_fetch = time.perf_counter()
         batch = batch_at(step)
+        waited += time.perf_counter() - t_fetch
         grads, sums = meta_gradient(
             model, params, batch, meta_step, inner_loop=inner_loop, chunk=cfg.train.chunk
         )
-        n_tasks = batch.support_x.shape[0]
-        for name, p in params.items():
-            p.grad = grads[name] / n_tasks
+        stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0]])
+        *reduced, stats = all_reduce_sum([grads[k] for k in params] + [stats])
+        n_tasks = stats[2].item()
+        for p, g in zip(params.values(), reduced):
+            p.grad = g / n_tasks
         optimizer.step()
         tasks_seen += n_tasks
 
         done = step + 1
-        record = {"step": done, "train_loss": sums["loss"] / n_tasks}
+        record = {"step": done, "train_loss": stats[0].item() / n_tasks}
         if not batch.query_y.is_floating_point():
-            record["train_accuracy"] = sums["accuracy"] / n_tasks
+            record["train_accuracy"] = stats[1].item() / n_tasks
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            record["tasks_per_s"] = tasks_seen / (time.perf_counter() - t_start)
+            elapsed = time.perf_counter() - t_start
+            record["tasks_per_s"] = tasks_seen / elapsed
+            record["data_wait_fraction"] = waited / elapsed
             tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
         if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
-            val = validate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
+            val = evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
             record["val_" + val["metric"]] = val["mean"]
             record["val_" + val["metric"] + "_ci95"] = val["ci95"]
             tracker.log_metrics({k: v for k, v in record.items() if k.startswith("val_")}, done)
-            bar.write(f"step {done}: val {val['metric']} {val['mean']:.4f} ± {val['ci95']:.4f}")
+            if rank == 0:
+                bar.write(f"step {done}: val {val['metric']} {val['mean']:.4f} "
+                          f"± {val['ci95']:.4f}")
         history.append(record)
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-            checkpoint(done, f"step-{done:07d}.pt")
+            checkpoint(done, f"step-{done:07d}.pt", record)
     bar.close()
     train_seconds = time.perf_counter() - t_start
 
     # -- final checkpoint and meta-test ------------------------------------------
-    final = checkpoint(cfg.train.steps, "final.pt")
-    result = validate(streams.test, cfg.eval.episodes, cfg.data.test_split)
+    final = checkpoint(cfg.train.steps, "final.pt", history[-1] if history else {})
+    result = evaluate(streams.test, cfg.eval.episodes, cfg.data.test_split)
     result.update(
-        run_dir=str(run_dir), checkpoint=str(final), inner_loop=inner_loop,
-        train_seconds=train_seconds, steps=cfg.train.steps, device=str(device),
+        run_dir=str(run_dir), checkpoint=str(run_dir / "checkpoints" / "final.pt"),
+        inner_loop=inner_loop, train_seconds=train_seconds, steps=cfg.train.steps,
+        resumed_from_step=start, device=str(device), workers=world,
+        data_wait_fraction=waited / max(train_seconds, 1e-9),
     )
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "history.json").write_text(json.dumps(history))
+    if rank == 0 and final is not None:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        (run_dir / "history.json").write_text(json.dumps(history))
     tracker.log_metrics({f"test_{result['metric']}": result["mean"],
                          f"test_{result['metric']}_ci95": result["ci95"]}, cfg.train.steps)
     tracker.log_result(result, history)
@@ -169,6 +231,8 @@ def restore(path, params, optimizer) -> tuple[int, list[dict[str, float]]]:
         for k, p in params.items():
             p.copy_(state["params"][k])
     optimizer.load_state_dict(state["optimizer"])
+    if "rng" in state:
+        set_rng_state(state["rng"])
     return int(state["step"]), list(state.get("history", []))
 
 
@@ -201,3 +265,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    # Plain data only (checkpoints load with weights_only=True).
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": json.dumps(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    key = state["numpy"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, state["numpy"]["pos"], 0, 0.0))
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))

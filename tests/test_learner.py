@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from metadist import Learner
-from metadist.algorithms import MetaStep, adapted_scores
+from metadist.algorithms import adapted_scores
 from metadist.config import load_config
 from metadist.data import ClassStore, EpisodeSampler, Manifest, Preprocessing
 from metadist.data.episodes import MetaBatch

@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as tvf
 
 _BATCH = 512  # images read ahead per decode round
 # Modes whose pixels carry no colour; anything else is stored/decoded as RGB.
@@ -74,6 +72,11 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [..., C, H, W] to [..., C, size, size]: the one resize of training and use."""
+    # Imported here: torchvision.transforms.v2 costs ~2 s at import, paid by every process
+    # that reads a manifest (Ray actors included) and needed only by the ones that decode.
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+
     if list(images.shape[-2:]) != [size, size]:
         images = tvf.resize(
             images, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True

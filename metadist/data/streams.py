@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from metadist.config import DataConfig
-from metadist.data.episodes import EpisodeSampler, Preprocessing
+from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing
 from metadist.data.schema import Manifest
 from metadist.data.sinusoid import SinusoidTasks
 from metadist.data.store import ClassStore
@@ -38,12 +40,7 @@ def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Stream
             f"data.dataset={data.dataset!r}: no such dataset directory (convert one with "
             "`metadist data convert ...`, or use data.dataset=sinusoid)"
         )
-    train_dir = root / data.train_split
-    pre = Preprocessing.from_manifest(
-        Manifest.load(train_dir / "manifest.json"),
-        image_size=data.image_size,
-        channels=data.channels,
-    )
+    pre = training_preprocessing(data)
 
     def sampler(split: str, seed: int) -> EpisodeSampler:
         store = ClassStore(root / split, image_size=pre.image_size, channels=pre.channels)
@@ -58,3 +55,23 @@ def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Stream
         sampler(data.test_split, eval_seed),
         pre, pre.channels, pre.image_size,
     )
+
+
+def training_preprocessing(data: DataConfig) -> Preprocessing:
+    """The training split's recommended preprocessing, at the config's size/channels:
+    the one preprocessing of every split and of the Learner."""
+    return Preprocessing.from_manifest(
+        Manifest.load(Path(data.dataset) / data.train_split / "manifest.json"),
+        image_size=data.image_size,
+        channels=data.channels,
+    )
+
+
+def episode_batch(source, start: int, stop: int) -> MetaBatch:
+    """Episodes ``start .. stop-1`` of a stream, stacked: any slice of any meta-batch, the
+    same episodes whatever slices a run is cut into."""
+    episodes = [source.episode(i) for i in range(start, stop)]
+    if not episodes:  # a worker with no task this step still takes part in the all-reduce
+        first = source.episode(0)
+        return MetaBatch(*(t.unsqueeze(0)[:0] for t in first))
+    return MetaBatch(*(torch.stack(parts) for parts in zip(*episodes)))

@@ -3,6 +3,10 @@ Finn et al. 2017): four blocks of 3x3 conv, batch norm, ReLU and 2x2 max-pool (o
 stride-2 conv instead of the pool, as in Finn's Omniglot code), then a linear head.
 Omniglot uses 64 filters on 28x28 inputs and averages the last feature map; miniImageNet
 uses 32 filters on 84x84 inputs and flattens it (32 * 5 * 5 = 800 features).
+
+The convolutions have no bias: batch norm subtracts each channel's mean right after, so a
+bias there changes nothing but receives a gradient of pure round-off, which Adam then
+scales up into steps of full size (and which made 1-worker and 2-worker runs differ).
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ class Conv4:
             weight = torch.empty(self.hidden, channels, 3, 3)
             torch.nn.init.xavier_uniform_(weight, generator=generator)
             params[f"conv{i}.weight"] = weight
-            params[f"conv{i}.bias"] = torch.zeros(self.hidden)
             params[f"bn{i}.weight"] = torch.ones(self.hidden)
             params[f"bn{i}.bias"] = torch.zeros(self.hidden)
             channels = self.hidden
@@ -65,7 +68,7 @@ class Conv4:
         stride = 2 if self.pool == "stride" else 1
         h = layers.to_layout(x, impl)
         for i in range(self.blocks):
-            h = layers.conv2d(h, params[f"conv{i}.weight"], params[f"conv{i}.bias"], stride, impl)
+            h = layers.conv2d(h, params[f"conv{i}.weight"], stride, impl)
             h = layers.batch_norm(h, params[f"bn{i}.weight"], params[f"bn{i}.bias"], impl)
             h = torch.relu(h)
             if self.pool == "max":

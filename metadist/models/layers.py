@@ -18,10 +18,10 @@ from torch import Tensor
 BN_EPS = 1e-5
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor, stride: int, impl: str) -> Tensor:
-    """3x3 'same' convolution; ``x`` is NCHW for ``native`` and NHWC for ``matmul``."""
+def conv2d(x: Tensor, weight: Tensor, stride: int, impl: str) -> Tensor:
+    """3x3 'same' convolution without bias; ``x`` is NCHW for ``native``, NHWC for ``matmul``."""
     if impl == "native":
-        return F.conv2d(x, weight, bias, stride=stride, padding=1)
+        return F.conv2d(x, weight, stride=stride, padding=1)
     n, h, w, c = x.shape
     out_channels, _, kh, kw = weight.shape
     padded = F.pad(x, (0, 0, 1, 1, 1, 1))
@@ -38,7 +38,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor, stride: int, impl: str) -> T
         dim=-1,
     ).reshape(n * h_out * w_out, kh * kw * c)
     w_mat = weight.permute(0, 2, 3, 1).reshape(out_channels, kh * kw * c)
-    out = torch.addmm(bias, cols, w_mat.t())
+    out = cols @ w_mat.t()
     return out.view(n, h_out, w_out, out_channels)
 
 

@@ -1,0 +1,246 @@
+"""Episodes per second of the Ray episode pipeline against the rate meta-training consumes.
+
+Real Omniglot (5-way 1-shot, 15 queries, 28x28 grey, PNG) and real miniImageNet (5-way
+1-shot, 15 queries, 84x84 RGB, JPEG: decoding is the expensive part), training splits,
+with 1 and 2 actors (0.25 logical CPU each), side by side in one run:
+
+- cold: the first pass over ``--steps`` meta-batches with fresh actors, timed from the
+  moment the first actor was ready (its process start is the "first batch" column);
+  every class an episode needs is decoded on first use, per actor;
+- warm: a second pass over the same meta-batches (every class cached).
+
+The driver only calls ``get`` (no training), so the rates are what the pipeline can
+deliver, to be compared with what a trainer consumes (``--omniglot-rates``; the
+miniImageNet MAML rate is measured here on a few meta-steps of the shipped config unless
+``--mini-rate`` is given). On a 2-core machine actors and trainer share the cores.
+
+    nice -n 10 python benchmarks/episode_pipeline.py [--steps 10] [--mini-steps 40]
+
+Datasets are converted into data/ first if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from metadist.pipeline import EpisodePipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def dataset(name: str, path: Path) -> Path:
+    if (path / "dataset.json").is_file():
+        return path
+    from metadist.data import convert_miniimagenet, convert_omniglot
+
+    print(f"converting {name} into {path} ...", flush=True)
+    t0 = time.perf_counter()
+    if name == "omniglot":
+        convert_omniglot(SHARED / "omniglot", path)
+    else:
+        convert_miniimagenet(SHARED / "miniimagenet", path)
+    print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def measure(split: Path, *, actors: int, meta_batch: int, steps: int, prefetch: int) -> dict:
+    """One pipeline: cold pass, then warm pass over the same ``steps`` meta-batches."""
+    t0 = time.time()
+    with EpisodePipeline(
+        split, ways=5, shots=1, queries=15, seed=0, preprocessing=None,
+        meta_batch_size=meta_batch, num_actors=actors, prefetch=prefetch, verify=False,
+    ) as pipe:
+        first = None
+        for step in range(steps):
+            batch = pipe.get(step)
+            first = first or time.time()
+        cold_end = time.time()
+        bytes_per_batch = sum(t.numel() * t.element_size() for t in batch)
+        stats = pipe.actor_stats()  # also waits for the prefetched requests to finish
+        ready = min(s["started_at"] for s in stats)
+        cached = [s["cached_classes"] for s in stats]
+        w0 = time.time()
+        for step in range(steps):
+            pipe.get(step)  # back to step 0: the same episodes, now from the cache
+        warm = time.time() - w0
+    episodes = steps * meta_batch
+    return {
+        "actors": actors,
+        "meta_batch": meta_batch,
+        "episodes": episodes,
+        "first_batch_s": first - t0,
+        "start_s": ready - t0,
+        "cold": episodes / (cold_end - ready),
+        "warm": episodes / warm,
+        "cached": cached,
+        "mb_per_batch": bytes_per_batch / 2**20,
+    }
+
+
+def maml_rate(data: Path, steps: int, threads: int) -> float:
+    """Tasks/s of second-order MAML, configs/miniimagenet_5w1s_maml.yaml, loop path."""
+    from metadist.algorithms import MetaStep, meta_gradient
+    from metadist.data import ClassStore, EpisodeSampler
+    from metadist.models import Conv4
+
+    torch.set_num_threads(threads)
+    sampler = EpisodeSampler(ClassStore(data / "train", verify=False), ways=5, shots=1,
+                             queries=15, seed=0)
+    model = Conv4(ways=5, in_channels=3, hidden=32, image_size=84, pool="max",
+                  readout="flatten")
+    params = {k: v.requires_grad_() for k, v in model.init_params().items()}
+    step = MetaStep("maml", inner_lr=0.01, inner_steps=5)
+    meta_gradient(model, params, sampler.meta_batch(0, 1), step)  # warm-up
+    batch = sampler.meta_batch(1, 4)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        meta_gradient(model, params, batch, step)
+    return 4 * steps / (time.perf_counter() - t0)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": int(mem) / 2**20,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "nice": os.nice(0)}
+
+
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--omniglot", type=Path, default=ROOT / "data" / "omniglot")
+    parser.add_argument("--miniimagenet", type=Path, default=ROOT / "data" / "miniimagenet")
+    parser.add_argument("--steps", type=int, default=10, help="Omniglot meta-batches per pass")
+    parser.add_argument("--meta-batch", type=int, default=32, help="Omniglot")
+    parser.add_argument("--mini-steps", type=int, default=40)
+    parser.add_argument("--mini-meta-batch", type=int, default=4)
+    parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument("--actors", default="1,2")
+    parser.add_argument("--omniglot-rates", default="maml stride Conv4=35,maml max-pool Conv4=12",
+                        help="what training consumes, tasks/s: name=rate,...")
+    parser.add_argument("--mini-rate", type=float, default=None,
+                        help="miniImageNet MAML tasks/s (default: measure)")
+    parser.add_argument("--mini-rate-steps", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads for the MAML rate measurement")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "episode_pipeline.md")
+    args = parser.parse_args()
+
+    load_before = load()
+    t_start = time.perf_counter()
+    omniglot = dataset("omniglot", args.omniglot)
+    mini = dataset("miniimagenet", args.miniimagenet)
+    rows = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for name, data, mb, steps in (("Omniglot", omniglot, args.meta_batch, args.steps),
+                                      ("miniImageNet", mini, args.mini_meta_batch,
+                                       args.mini_steps)):
+            for actors in (int(a) for a in args.actors.split(",")):
+                row = measure(data / "train", actors=actors, meta_batch=mb, steps=steps,
+                              prefetch=args.prefetch)
+                row["dataset"] = name
+                rows.append(row)
+                print(f"{name:12s} {actors} actor(s): first batch {row['first_batch_s']:.1f} s,"
+                      f" cold {row['cold']:.0f} ep/s, warm {row['warm']:.0f} ep/s", flush=True)
+    finally:
+        ray.shutdown()
+    mini_rate, mini_how = args.mini_rate, "given"
+    if mini_rate is None:
+        mini_rate = maml_rate(mini, args.mini_rate_steps, args.threads)
+        mini_how = (f"measured here: {args.mini_rate_steps} meta-step(s) of 4 tasks, loop path, "
+                    f"{args.threads} torch threads, nice {os.nice(0)}, no pipeline running")
+    rates = {"Omniglot": [(k.strip(), float(v)) for k, v in
+                          (item.split("=") for item in args.omniglot_rates.split(","))],
+             "miniImageNet": [("maml Conv4-32 (config)", mini_rate)]}
+    total = time.perf_counter() - t_start
+    table = render(rows, rates, mini_how, machine(), load_before, load(), total, args)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+
+
+def render(rows, rates, mini_how, info, load_before, load_after, total, args) -> str:
+    busy = float(load_before.rsplit(":", 1)[1].split(",")[0]) > 1.0
+    lines = [
+        "# Episode pipeline throughput (Ray actors)",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gb']:.0f} GB; Python "
+        f"{info['python']}, torch {info['torch']}, ray {info['ray']}; benchmark at nice "
+        f"{info['nice']}; `ray.init(num_cpus=2)`, actors of 0.25 logical CPU, "
+        f"1 torch thread each, prefetch {args.prefetch}. Run took {total:.0f} s.",
+        "",
+        f"Load before: `{load_before}`  ",
+        f"Load after: `{load_after}`",
+        "",
+    ]
+    if busy:
+        lines += [
+            "**Measured while another training job was running on this machine** (load "
+            "average above 1 before the run): the actors got what that job left of the 2 "
+            "cores. The rates below are lower bounds for an idle machine.",
+            "",
+        ]
+    lines += [
+        "5-way 1-shot, 15 queries per class, training split, seed 0. *cold*: first pass "
+        "with fresh actors (each decodes every class it meets, once), timed from the first "
+        "actor being ready; *first batch*: pipeline construction to the first meta-batch "
+        "(actor process start, store open, first decodes); *warm*: the same meta-batches "
+        "again, all classes cached. ep/s = episodes (tasks) per second delivered to a driver "
+        "that does nothing else.",
+        "",
+        "| dataset | actors | meta-batch | episodes/pass | MB/meta-batch | first batch (s) "
+        "| cold ep/s | warm ep/s | classes cached per actor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['actors']} | {r['meta_batch']} | {r['episodes']} "
+            f"| {r['mb_per_batch']:.1f} | {r['first_batch_s']:.1f} | {r['cold']:.0f} "
+            f"| {r['warm']:.0f} | {', '.join(map(str, r['cached']))} |"
+        )
+    lines += [
+        "",
+        "Against what meta-training consumes (tasks/s); ratio = pipeline rate / consumption "
+        "(above 1: the pipeline keeps ahead, if it gets the CPU):",
+        "",
+        "| dataset | trainer | consumes (tasks/s) | actors | cold ratio | warm ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for trainer, rate in rates[r["dataset"]]:
+            lines.append(
+                f"| {r['dataset']} | {trainer} | {rate:.3g} | {r['actors']} "
+                f"| {r['cold'] / rate:.1f} | {r['warm'] / rate:.1f} |"
+            )
+    lines += [
+        "",
+        f"Consumption rates: Omniglot given (`--omniglot-rates`, measured earlier on this "
+        f"machine); miniImageNet {mini_how}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

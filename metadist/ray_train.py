@@ -1,0 +1,154 @@
+"""Meta-training on Ray: Ray Train's ``TorchTrainer`` starts and supervises the workers
+(process groups: NCCL on CUDA, gloo on CPU), restarts them from the last reported
+checkpoint after a failure, and each worker's share of every meta-batch streams in from
+a pool of episode actors (``metadist.pipeline``). The loop itself is ``metadist.train``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from metadist.checkpoint import load_checkpoint
+from metadist.config import Config, config_from_dict, to_dict
+from metadist.train import train
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def init_ray(config: Config) -> None:
+    """Attach to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray bound to loopback."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Logical CPUs for the workers and their light actors; more than the cores is fine,
+    # the actors mostly wait.
+    need = config.workers * (config.ray.cpus_per_worker + config.ray.actors * config.ray.actor_cpus)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(need + 1.999)),
+        _node_ip_address="127.0.0.1",
+        dashboard_host="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+
+
+def train_on_ray(
+    config: Config, *, mlflow_run_id: str | None = None, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    init_ray(config)
+    out = Path(config.train.output_dir).resolve()
+    run_dir = out / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    storage = Path(config.ray.storage_path).resolve() if config.ray.storage_path else out / "ray"
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "config": to_dict(config),
+            "run_dir": str(run_dir),
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": tracking_uri,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.ray.use_gpu,
+            resources_per_worker={"CPU": config.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=config.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result.return_value
+
+
+def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """``train_loop_per_worker``: the same loop as a single process, fed by the actors."""
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg.train.threads = cfg.train.threads or max(1, int(cfg.ray.cpus_per_worker))
+    # Which process is which rank: for operators (and the failure tests) to find a worker.
+    pid_dir = Path(loop_config["run_dir"]) / "workers"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
+    if cfg.ray.use_gpu:
+        cfg.train.device = str(ray.train.torch.get_device())
+
+    resume = cfg.resume
+    restored = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
+    if restored is not None:
+        local = Path(tempfile.mkdtemp(prefix="metadist-restore-"))
+        with restored.as_directory() as d:
+            shutil.copy(Path(d) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
+        resume = str(local / CHECKPOINT_FILE)
+    start = int(load_checkpoint(resume)["step"]) if resume else 0
+
+    batches, pipeline = None, None
+    if cfg.data.dataset != "sinusoid" and cfg.ray.actors > 0:
+        pipeline = open_pipeline(cfg, start_step=start, rank=rank, world_size=world)
+        batches = pipeline.get
+
+    def on_checkpoint(step: int, path: Path | None, metrics: dict[str, float]) -> None:
+        # Every worker reports; rank 0 hands Ray the checkpoint that a restart resumes from.
+        metrics = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
+        if path is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy(path, Path(d) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+    tracker = None
+    if rank == 0 and loop_config.get("mlflow_run_id"):
+        from metadist.tracking import MLflowTracker
+
+        tracker = MLflowTracker(cfg, tracking_uri=loop_config["tracking_uri"],
+                                run_id=loop_config["mlflow_run_id"])
+    try:
+        with tracker or contextlib.nullcontext():
+            if tracker is not None and restored is not None:
+                tracker.note_restart(start)
+            result = train(cfg, tracker, resume, batches=batches, on_checkpoint=on_checkpoint,
+                           run_dir=loop_config["run_dir"])
+        if pipeline is not None:
+            result["pipeline"] = {
+                k: v for k, v in pipeline.stats().items() if isinstance(v, int | float)
+            }
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+    return result
+
+
+def open_pipeline(cfg: Config, *, start_step: int, rank: int, world_size: int):
+    from metadist.data.streams import training_preprocessing
+    from metadist.pipeline import EpisodePipeline
+
+    split_dir = Path(cfg.data.dataset) / cfg.data.train_split
+    return EpisodePipeline(
+        split_dir, ways=cfg.data.ways, shots=cfg.data.shots, queries=cfg.data.queries,
+        seed=cfg.train.seed, preprocessing=training_preprocessing(cfg.data),
+        meta_batch_size=cfg.algorithm.meta_batch_size, num_actors=cfg.ray.actors,
+        actor_cpus=cfg.ray.actor_cpus, prefetch=cfg.ray.prefetch, start_step=start_step,
+        rank=rank, world_size=world_size,
+    )

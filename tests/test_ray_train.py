@@ -1,0 +1,84 @@
+"""Ray Train: N workers with the actor episode pipeline give the 1-worker result; a worker
+killed mid-run is restarted from the last checkpoint and the run completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metadist.checkpoint import load_checkpoint
+from metadist.config import load_config
+from metadist.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "OMP_NUM_THREADS": "1"}
+
+
+def metadist(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "metadist.cli", *args], cwd=cwd, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result_of(proc: subprocess.Popen, timeout: float = 600) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out[out.index("{"):])
+
+
+def test_two_ray_workers_with_actor_pipeline_match_one_process(tmp_path, omniglot_small):
+    overrides = [f"data.dataset={omniglot_small}", "algorithm.meta_batch_size=5",
+                 "train.steps=3", "data.queries=3", "eval.episodes=8", "eval.batch_size=4",
+                 "train.val_every=0", "train.progress=false", "train.inner_loop=loop",
+                 "train.threads=1", f"train.output_dir={tmp_path / 'runs'}"]
+    config = ROOT / "configs" / "omniglot_5w1s_maml.yaml"
+    proc = metadist("train", str(config), *overrides, "workers=2", "ray.actors=1",
+                    f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    distributed = result_of(proc)
+    single = train(load_config(config, overrides + ["tracking.enabled=false"]),
+                   run_dir=tmp_path / "single")
+    assert distributed["workers"] == 2 and distributed["pipeline"]["batches"] == 3
+    one = load_checkpoint(single["checkpoint"])["params"]
+    two = load_checkpoint(distributed["checkpoint"])["params"]
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    assert distributed["mean"] == pytest.approx(single["mean"], abs=1e-6)
+
+
+def test_a_killed_worker_is_restarted_and_the_run_completes(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps, every = 1500, 100
+    proc = metadist(
+        "train", str(ROOT / "configs" / "sinusoid_maml.yaml"), "workers=2",
+        "ray.max_failures=1", f"train.steps={steps}", f"train.checkpoint_every={every}",
+        "train.val_every=0", "train.log_every=50", "eval.episodes=50",
+        "train.progress=false", "train.inner_loop=loop", f"train.output_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri={uri}", cwd=tmp_path,
+    )
+    runs = tmp_path / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        pids = list(runs.glob("*/workers/rank-1.pid"))
+        if pids and list(runs.glob(f"*/checkpoints/step-{every:07d}.pt")):
+            os.kill(int(pids[0].read_text()), signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the run ended or never checkpointed before the worker could be killed")
+    result = result_of(proc)
+    assert result["resumed_from_step"] >= every  # this attempt started from a checkpoint
+    history = load_checkpoint(result["checkpoint"])["history"]
+    assert [h["step"] for h in history] == list(range(1, steps + 1))  # each step once
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"])
+    assert run.data.tags["restarts"] == "1"
+    assert run.data.metrics["test_mse"] == pytest.approx(result["mean"])
