@@ -161,13 +161,14 @@ def render(rows, flops, ceiling, args) -> str:
                 break
     except OSError:
         pass
+    source = "real Omniglot episodes" if args.data else "random tensors"
     lines = [
         "# Inner-loop throughput: per-task loop vs vmap",
         "",
         f"Machine: {platform.machine()} {cpu}, {args.threads} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         f"Setting: Omniglot 5-way 1-shot, 15 queries/class, Conv4-64 on 28x28, meta-batch "
-        f"{args.meta_batch}, 1 inner step; data: {'real Omniglot episodes' if args.data else 'random tensors'}; "
+        f"{args.meta_batch}, 1 inner step; data: {source}; "
         f"median of {args.steps} steps after a warm-up, each row in its own process.",
         f"Ceiling: float32 4096x4096 matmul = {ceiling / 1e9:.0f} GFLOP/s (same run).",
         "",

@@ -103,7 +103,7 @@ def evaluate_checkpoint(
     from metadist.checkpoint import load_checkpoint
     from metadist.config import config_from_dict
     from metadist.data.streams import open_streams
-    from metadist.models import model_from_spec
+    from metadist.models import check_params, model_from_spec
     from metadist.train import protocol, resolve_device
 
     state = load_checkpoint(checkpoint)
@@ -116,6 +116,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)
     model = model_from_spec(state["model"])
+    check_params(model, state["params"], str(checkpoint))
     params = {k: v.to(dev) for k, v in state["params"].items()}
     step = MetaStep(cfg.algorithm.name, cfg.algorithm.inner_lr,
                     inner_steps or cfg.algorithm.test_inner_steps, True)

@@ -24,7 +24,7 @@ from metadist.algorithms import MetaStep, adapt
 from metadist.checkpoint import load_checkpoint
 from metadist.data.episodes import Preprocessing
 from metadist.data.images import load_image
-from metadist.models import model_from_spec
+from metadist.models import check_params, model_from_spec
 
 
 class Learner:
@@ -43,9 +43,10 @@ class Learner:
                         first_order=True)
         pre = state.get("preprocessing")
         preprocessing = Preprocessing(**pre) if pre is not None else None
+        model = model_from_spec(state["model"])
+        check_params(model, state["params"], str(checkpoint))
         params = {k: v.to(device) for k, v in state["params"].items()}
-        return cls(model_from_spec(state["model"]), params, preprocessing, step,
-                   torch.device(device))
+        return cls(model, params, preprocessing, step, torch.device(device))
 
     @property
     def ways(self) -> int | None:

@@ -42,8 +42,10 @@ def init_ray(config: Config) -> None:
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(need + 1.999)),
         _node_ip_address="127.0.0.1",
+        # The dashboard serves the state API that Ray Train's controller polls; without
+        # it the worker group's placement group is never cleaned up.
+        include_dashboard=True,
         dashboard_host="127.0.0.1",
-        include_dashboard=False,
         log_to_driver=True,
     )
 

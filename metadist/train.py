@@ -227,6 +227,9 @@ def restore(path, params, optimizer) -> tuple[int, list[dict[str, float]]]:
     missing = set(params) ^ set(state["params"])
     if missing:
         raise ValueError(f"{path}: checkpoint parameters do not match the model: {sorted(missing)}")
+    wrong = sorted(k for k in params if params[k].shape != state["params"][k].shape)
+    if wrong:
+        raise ValueError(f"{path}: checkpoint parameters have other shapes than the model: {wrong}")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state["params"][k])

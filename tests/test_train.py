@@ -116,3 +116,16 @@ def test_eval_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     torch.save({"weights": torch.zeros(2)}, bogus)
     assert main(["eval", str(bogus)]) == 2
     assert "not a metadist checkpoint" in capsys.readouterr().err
+
+
+def test_eval_rejects_parameters_that_do_not_fit_the_model(tmp_path, capsys):
+    result = train(sinusoid(tmp_path, "train.steps=2", "eval.episodes=5"))
+    state = load_checkpoint(result["checkpoint"])
+    state["params"]["head.weight"] = torch.zeros(1, 7)
+    state.pop("format")
+    from metadist.checkpoint import save_checkpoint
+
+    bad = save_checkpoint(tmp_path / "bad.pt", state)
+    assert main(["eval", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pt" in err and "wrong shape ['head.weight']" in err

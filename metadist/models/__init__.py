@@ -38,4 +38,20 @@ def model_from_spec(spec: dict[str, Any]) -> Conv4 | MLP:
     return cls(**kwargs)
 
 
-__all__ = ["MLP", "MODELS", "Conv4", "build_model", "model_from_spec", "model_spec"]
+def check_params(model: Conv4 | MLP, params: dict, where: str) -> None:
+    """Parameters loaded from a file must be exactly the model's, with the model's shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.init_params().items()}
+    got = {k: tuple(v.shape) for k, v in params.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise ValueError(
+            f"{where}: parameters do not match the model {model!r}: missing {missing}, "
+            f"unexpected {extra}, wrong shape {shapes}"
+        )
+
+
+__all__ = [
+    "MLP", "MODELS", "Conv4", "build_model", "check_params", "model_from_spec", "model_spec",
+]
