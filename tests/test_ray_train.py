@@ -35,7 +35,9 @@ def result_of(proc: subprocess.Popen, timeout: float = 600) -> dict:
 
 
 def test_two_ray_workers_with_actor_pipeline_match_one_process(tmp_path, omniglot_small):
+    # Outer SGD: see tests/test_distributed.py on Adam and round-off.
     overrides = [f"data.dataset={omniglot_small}", "algorithm.meta_batch_size=5",
+                 "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.1",
                  "train.steps=3", "data.queries=3", "eval.episodes=8", "eval.batch_size=4",
                  "train.val_every=0", "train.progress=false", "train.inner_loop=loop",
                  "train.threads=1", f"train.output_dir={tmp_path / 'runs'}"]
