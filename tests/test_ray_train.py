@@ -60,12 +60,14 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     steps, every = 1500, 100
+    overrides = [f"train.steps={steps}", f"train.checkpoint_every={every}", "train.val_every=0",
+                 "train.log_every=50", "eval.episodes=50", "train.progress=false",
+                 "train.inner_loop=loop", "algorithm.outer_optimizer=sgd",
+                 "algorithm.outer_lr=0.01", "train.threads=1"]
+    config = ROOT / "configs" / "sinusoid_maml.yaml"
     proc = metadist(
-        "train", str(ROOT / "configs" / "sinusoid_maml.yaml"), "workers=2",
-        "ray.max_failures=1", f"train.steps={steps}", f"train.checkpoint_every={every}",
-        "train.val_every=0", "train.log_every=50", "eval.episodes=50",
-        "train.progress=false", "train.inner_loop=loop", f"train.output_dir={tmp_path / 'runs'}",
-        f"tracking.tracking_uri={uri}", cwd=tmp_path,
+        "train", str(config), "workers=2", "ray.max_failures=1", *overrides,
+        f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}", cwd=tmp_path,
     )
     runs = tmp_path / "runs"
     deadline = time.time() + 300
@@ -84,3 +86,12 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(tmp_path):
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"])
     assert run.data.tags["restarts"] == "1"
     assert run.data.metrics["test_mse"] == pytest.approx(result["mean"])
+    # The restarted run followed the trajectory of the same run left alone, exactly.
+    clean = result_of(metadist(
+        "train", str(config), "workers=2", *overrides, "tracking.enabled=false",
+        f"train.output_dir={tmp_path / 'clean'}", cwd=tmp_path,
+    ))
+    restarted = load_checkpoint(result["checkpoint"])["params"]
+    for k, v in load_checkpoint(clean["checkpoint"])["params"].items():
+        torch.testing.assert_close(restarted[k], v, rtol=0, atol=0)
+    assert clean["mean"] == result["mean"]
