@@ -8,8 +8,9 @@ Two interchangeable ways to run the tasks' inner loops:
 - ``loop``: one task after another, plain autograd: the reference.
 - ``vmap``: ``chunk`` tasks at a time under ``torch.func.vmap``. Second-order MAML runs
   it on the im2col ("matmul") layers: in torch 2.14 the vmap batching rules of the native
-  convolution/batch-norm give second-order gradients off by ~1% (checked against finite
-  differences in float64, see tests/test_meta_gradients.py), and after the first inner
+  convolution/batch-norm give wrong second-order gradients (up to ~6% off on some entries
+  against float64 finite differences; the loop and the im2col layers match them, see
+  tests/test_meta_gradients.py), and after the first inner
   step every task has its own weights, which vmap would turn into grouped convolutions.
 """
 
