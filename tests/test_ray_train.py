@@ -73,7 +73,10 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         pids = list(runs.glob("*/workers/rank-1.pid"))
-        if pids and list(runs.glob(f"*/checkpoints/step-{every:07d}.pt")):
+        # Rank 0 writes its file before Ray registers the report; once the next one is
+        # written and Ray's storage holds a checkpoint, a restart must resume from it.
+        if (pids and list(runs.glob(f"*/checkpoints/step-{2 * every:07d}.pt"))
+                and list(runs.glob("ray/*/checkpoint_*/checkpoint.pt"))):
             os.kill(int(pids[0].read_text()), signal.SIGKILL)
             break
         time.sleep(0.2)
