@@ -36,7 +36,7 @@ from typing import Any
 import ray
 import torch
 
-from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing
+from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing, stack_episodes
 from metadist.data.store import ClassStore
 from metadist.distributed import shard_bounds
 
@@ -99,7 +99,7 @@ class EpisodeActor:
                     built.append(self.sampler.episode(i))
                 except Exception as exc:
                     raise PipelineError(self._describe(indices, i, exc)) from None
-            return MetaBatch(*(torch.stack(parts) for parts in zip(*built, strict=True)))
+            return stack_episodes(built)
         finally:
             self.busy_s += time.perf_counter() - t0
 

@@ -8,6 +8,7 @@ workers without changing results.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,6 +35,11 @@ class MetaBatch(NamedTuple):
     support_y: torch.Tensor  # int64 [T, N*K]
     query_x: torch.Tensor  # float32 [T, N*Q, C, H, W]
     query_y: torch.Tensor  # int64 [T, N*Q]
+
+
+def stack_episodes(episodes: Sequence[Episode]) -> MetaBatch:
+    """Episodes stacked along a new leading task dimension."""
+    return MetaBatch(*(torch.stack(parts) for parts in zip(*episodes, strict=True)))
 
 
 class EpisodePlan(NamedTuple):
@@ -182,4 +188,4 @@ class EpisodeSampler:
         """Episodes ``step*size`` .. ``step*size + size - 1``, stacked."""
         step, size = _count("step", step, 0), _count("size", size, 1)
         episodes = [self.episode(step * size + t) for t in range(size)]
-        return MetaBatch(*(torch.stack(parts) for parts in zip(*episodes, strict=True)))
+        return stack_episodes(episodes)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from metadist.data.episodes import Episode, MetaBatch
+from metadist.data.episodes import Episode, MetaBatch, stack_episodes
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -47,4 +47,4 @@ class SinusoidTasks:
 
     def meta_batch(self, step: int, size: int) -> MetaBatch:
         episodes = [self.episode(step * size + i) for i in range(size)]
-        return MetaBatch(*(torch.stack(parts) for parts in zip(*episodes)))
+        return stack_episodes(episodes)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from metadist.config import DataConfig
-from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing
+from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing, stack_episodes
 from metadist.data.schema import Manifest
 from metadist.data.sinusoid import SinusoidTasks
 from metadist.data.store import ClassStore
@@ -74,4 +72,4 @@ def episode_batch(source, start: int, stop: int) -> MetaBatch:
     if not episodes:  # a worker with no task this step still takes part in the all-reduce
         first = source.episode(0)
         return MetaBatch(*(t.unsqueeze(0)[:0] for t in first))
-    return MetaBatch(*(torch.stack(parts) for parts in zip(*episodes)))
+    return stack_episodes(episodes)
