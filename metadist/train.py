@@ -30,7 +30,7 @@ from metadist.data.episodes import MetaBatch
 from metadist.data.streams import episode_batch, open_streams
 from metadist.distributed import all_reduce_sum, broadcast_from_rank0, rank_and_world, shard_bounds
 from metadist.evaluate import episode_scores, summarize
-from metadist.models import build_model, model_spec
+from metadist.models import build_model, check_params, model_spec
 
 
 class NullTracker:
@@ -92,7 +92,7 @@ def train(
     start = 0
     history: list[dict[str, float]] = []
     if resume is not None:
-        start, history = restore(resume, params, optimizer)
+        start, history = restore(resume, model, params, optimizer)
     lo, hi = shard_bounds(meta_batch_size, rank, world)
 
     def batch_at(step: int) -> MetaBatch:
@@ -222,14 +222,9 @@ def make_optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.Optim
     return torch.optim.Adam(params, lr=cfg.algorithm.outer_lr)
 
 
-def restore(path, params, optimizer) -> tuple[int, list[dict[str, float]]]:
+def restore(path, model, params, optimizer) -> tuple[int, list[dict[str, float]]]:
     state = load_checkpoint(path)
-    missing = set(params) ^ set(state["params"])
-    if missing:
-        raise ValueError(f"{path}: checkpoint parameters do not match the model: {sorted(missing)}")
-    wrong = sorted(k for k in params if params[k].shape != state["params"][k].shape)
-    if wrong:
-        raise ValueError(f"{path}: checkpoint parameters have other shapes than the model: {wrong}")
+    check_params(model, state["params"], str(path))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state["params"][k])
