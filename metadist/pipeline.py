@@ -37,6 +37,7 @@ import ray
 import torch
 
 from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing, stack_episodes
+from metadist.data.location import Location
 from metadist.data.store import ClassStore
 from metadist.distributed import shard_bounds
 
@@ -57,7 +58,7 @@ class EpisodeActor:
 
     def __init__(
         self,
-        split_dir: str,
+        split_dir: str | Location,
         *,
         image_size: int,
         channels: int,
@@ -160,7 +161,8 @@ class _Request:
 class EpisodePipeline:
     """This trainer's share of meta-batch ``t`` for ``t = start_step, start_step + 1, ...``.
 
-    ``split_dir`` is one split of a converted dataset (``<dataset>/<split>``). The global
+    ``split_dir`` is one split of a converted dataset (``<dataset>/<split>``: a local path,
+    a URI such as ``s3://bucket/omniglot/train``, or a ``Location``). The global
     meta-batch ``t`` is episodes ``t*meta_batch_size ..`` of the (``seed``) stream, exactly
     ``EpisodeSampler.meta_batch(t, meta_batch_size)``; worker ``rank`` of ``world_size``
     gets the tasks ``shard_bounds(meta_batch_size, rank, world_size)`` of it. A rank with
@@ -179,7 +181,7 @@ class EpisodePipeline:
 
     def __init__(
         self,
-        split_dir: str | Path,
+        split_dir: str | Path | Location,
         *,
         ways: int,
         shots: int,
@@ -213,7 +215,7 @@ class EpisodePipeline:
                 "Ray is not running: call ray.init(...) before building an EpisodePipeline "
                 "(the caller owns Ray, the pipeline never starts or stops it)"
             )
-        self.split_dir = Path(split_dir).resolve()
+        self.split_dir = Location.of(split_dir)
         # Every check (manifest vs shards, sha256, feasibility of ways/shots/queries) runs
         # once here, in the driver, so a bad dataset fails now with the store's message
         # rather than as an actor that dies in its constructor.
@@ -439,7 +441,8 @@ class EpisodePipeline:
         )
 
     def _new_actor(self) -> Any:
-        return self._actor_cls.remote(str(self.split_dir), **self._actor_args)
+        # The Location, not its name: it carries the filesystem's options (endpoint, ...).
+        return self._actor_cls.remote(self.split_dir, **self._actor_args)
 
     def _empty(self) -> MetaBatch:
         c, s = self.preprocessing.channels, self.preprocessing.image_size

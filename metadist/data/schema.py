@@ -37,6 +37,9 @@ Manifests are read back from disk and may have been edited by hand or tampered w
 every loader here validates types and cross-field consistency and raises ``ValueError``
 naming the file and the field. Shard names in particular are checked to be plain file
 names, so a manifest can never make a reader open a path outside its split directory.
+
+``load`` reads from a local path or an object-store URI (``s3://...``, see ``location``);
+``save`` writes local files only (converters build datasets locally; upload them after).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import pyarrow as pa
+
+from metadist.data.location import Location
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -91,7 +96,8 @@ def check_shard_name(name: object, where: str = "shard") -> str:
     """Return ``name`` if it is a plain file name inside the split directory.
 
     Raises ``ValueError`` for anything that could point elsewhere: absolute paths, drive
-    letters, path separators, ``.``/``..``, NUL bytes.
+    letters, URI schemes, path separators, ``.``/``..``, NUL bytes. The split directory
+    may be an object-store URI (``s3://...``); a shard name is always relative to it.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}: shard file name must be a non-empty string, got {name!r}")
@@ -99,6 +105,7 @@ def check_shard_name(name: object, where: str = "shard") -> str:
         "/" in name
         or "\\" in name
         or "\0" in name
+        or ":" in name  # a drive letter or a scheme (s3:, file:)
         or name in (".", "..")
         or PurePosixPath(name).is_absolute()
         or PureWindowsPath(name).is_absolute()
@@ -106,7 +113,7 @@ def check_shard_name(name: object, where: str = "shard") -> str:
     ):
         raise ValueError(
             f"{where}: shard file name {name!r} is not a plain file name inside the split "
-            "directory (absolute paths, '..' and path separators are refused)"
+            "directory (absolute paths, URIs, '..' and path separators are refused)"
         )
     if not name.endswith(".parquet"):
         raise ValueError(f"{where}: shard file name {name!r} must end with .parquet")
@@ -464,8 +471,10 @@ class Manifest:
         path.write_text(dumps_json(self.to_dict()), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        return cls.from_dict(_read_json(Path(path)), str(path))
+    def load(cls, path: str | Path | Location) -> Manifest:
+        """Read and validate ``path``: a local path, a URI (``s3://...``) or a Location."""
+        location = Location.of(path)
+        return cls.from_dict(_read_json(location), str(location))
 
 
 # --- dataset.json -----------------------------------------------------------------------
@@ -509,8 +518,9 @@ class DatasetInfo:
         Path(path).write_text(dumps_json(self.to_dict()), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> DatasetInfo:
-        return cls.from_dict(_read_json(Path(path)), str(path))
+    def load(cls, path: str | Path | Location) -> DatasetInfo:
+        location = Location.of(path)
+        return cls.from_dict(_read_json(location), str(location))
 
 
 def dumps_json(value: object, indent: str = "") -> str:
@@ -533,7 +543,7 @@ def dumps_json(value: object, indent: str = "") -> str:
     return text + ("\n" if not indent else "")
 
 
-def _read_json(path: Path) -> object:
+def _read_json(path: Location) -> object:
     raw = path.read_bytes()  # a missing file stays FileNotFoundError
     try:
         return json.loads(raw.decode("utf-8"))

@@ -4,6 +4,10 @@ The store checks the manifest against the shards when opened, reads only the row
 of a requested class, and caches decoded classes (before rotation, so the four rotated
 copies of an Omniglot character share one cache entry). It pickles without its open
 files and cache, so it can be shipped to worker processes or Ray actors cheaply.
+
+The split may be a local directory or an object-store URI (``s3://bucket/omniglot/train``):
+every read goes through the split's ``pyarrow.fs`` filesystem (see ``location``), the same
+code path for both.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import pyarrow.parquet as pq
 import torch
 
 from metadist.data.images import decode_image, resize
+from metadist.data.location import Location
 from metadist.data.schema import MANIFEST_NAME, SHARD_SCHEMA, ClassEntry, Manifest
-from metadist.data.writer import sha256_file
 
 
 class ClassStore:
-    """Classes of one split (``<dataset>/<split>``), rotations expanded into classes.
+    """Classes of one split (``<dataset>/<split>``, a local path, a URI such as
+    ``s3://bucket/omniglot/train``, or a ``Location``), rotations expanded into classes.
 
     Virtual class ``i`` is base class ``i % num_base_classes`` rotated by
     ``rotations[i // num_base_classes]`` degrees counter-clockwise, so the first
@@ -39,14 +44,14 @@ class ClassStore:
 
     def __init__(
         self,
-        split_dir: str | Path,
+        split_dir: str | Path | Location,
         *,
         image_size: int | None = None,
         channels: int | None = None,
         verify: bool = True,
         max_cached_classes: int | None = None,
     ) -> None:
-        self.split_dir = Path(split_dir)
+        self.split_dir = Location.of(split_dir)
         self.manifest = Manifest.load(self.split_dir / MANIFEST_NAME)
         pre = self.manifest.preprocessing
         self.image_size = pre.image_size if image_size is None else image_size
@@ -165,7 +170,7 @@ class ClassStore:
             self._pid = os.getpid()
         handle = self._files.get(shard)
         if handle is None:
-            handle = self._files[shard] = pq.ParquetFile(self.split_dir / shard)
+            handle = self._files[shard] = _open_parquet(self.split_dir / shard)
         return handle
 
     # --- checks -------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class ClassStore:
             if not path.is_file():
                 raise ValueError(f"{path}: shard listed in {manifest_path} is missing")
             if verify:
-                digest = sha256_file(path)
+                digest = path.sha256()
                 if digest != shard.sha256:
                     raise ValueError(
                         f"{path}: sha256 {digest} does not match field 'shards[{k}].sha256' "
@@ -185,15 +190,15 @@ class ClassStore:
                         "conversion"
                     )
             try:
-                pf = pq.ParquetFile(path)
+                pf = _open_parquet(path)
             except Exception as exc:
                 raise ValueError(f"{path}: not a readable parquet file ({exc})") from exc
             try:
                 self._check_shard(pf, path, k)
             finally:
-                pf.close()
+                pf.close(force=True)
 
-    def _check_shard(self, pf: pq.ParquetFile, path: Path, k: int) -> None:
+    def _check_shard(self, pf: pq.ParquetFile, path: Location, k: int) -> None:
         shard = self.manifest.shards[k]
         if not pf.schema_arrow.equals(SHARD_SCHEMA, check_metadata=False):
             raise ValueError(f"{path}: schema does not match SHARD_SCHEMA:\n{pf.schema_arrow}")
@@ -256,3 +261,9 @@ class ClassStore:
             f"classes={self.num_classes}, image_size={self.image_size}, "
             f"channels={self.channels})"
         )
+
+
+def _open_parquet(path: Location) -> pq.ParquetFile:
+    # pre_buffer fetches the column chunks a read needs concurrently: on an object store
+    # that turns one request per chunk into parallel ranged reads.
+    return pq.ParquetFile(path.open_input_file(), pre_buffer=True)

@@ -1,13 +1,17 @@
-"""Opens the three episode streams of a run (train, val, test) from its data config."""
+"""Opens the three episode streams of a run (train, val, test) from its data config.
+
+``data.dataset`` is ``sinusoid``, a local directory or an object-store URI
+(``s3://bucket/omniglot``); see ``metadist.data.location``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from metadist.config import DataConfig
 from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing, stack_episodes
-from metadist.data.schema import Manifest
+from metadist.data.location import Location
+from metadist.data.schema import MANIFEST_NAME, Manifest
 from metadist.data.sinusoid import SinusoidTasks
 from metadist.data.store import ClassStore
 
@@ -32,10 +36,10 @@ def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Stream
             tasks(train_seed, "train"), tasks(eval_seed, "val"), tasks(eval_seed, "test"),
             None, 1, None,
         )
-    root = Path(data.dataset)
+    root = Location.of(data.dataset)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"data.dataset={data.dataset!r}: no such dataset directory (convert one with "
+            f"data.dataset={root}: no such dataset directory (convert one with "
             "`metadist data convert ...`, or use data.dataset=sinusoid)"
         )
     pre = training_preprocessing(data)
@@ -59,7 +63,7 @@ def training_preprocessing(data: DataConfig) -> Preprocessing:
     """The training split's recommended preprocessing, at the config's size/channels:
     the one preprocessing of every split and of the Learner."""
     return Preprocessing.from_manifest(
-        Manifest.load(Path(data.dataset) / data.train_split / "manifest.json"),
+        Manifest.load(Location.of(data.dataset) / data.train_split / MANIFEST_NAME),
         image_size=data.image_size,
         channels=data.channels,
     )
