@@ -1,4 +1,4 @@
-"""The ``metadist`` command: train, eval, data convert."""
+"""The ``metadist`` command: train, tune, eval, data convert."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     p.add_argument("--resume", help="continue from this checkpoint (same as resume=PATH)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="sweep the config's tune.space with Ray Tune, then "
+                       "meta-test and register the best")
+    p.add_argument("config", help="YAML config with a tune: section (see configs/tune_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=16")
+    p.add_argument("--resume", action="store_true",
+                   help="finish a sweep that was interrupted (same config and overrides)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="meta-test a checkpoint on held-out classes")
     p.add_argument("checkpoint")
@@ -88,6 +96,27 @@ def cmd_train(args: argparse.Namespace) -> int:
             result["mlflow_run_id"] = tracker.run_id
             result["mlflow_tracking_uri"] = tracker.uri
     print_result(result)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from metadist.config import load_config
+    from metadist.sweep import run_sweep
+
+    # `metadist tune CONFIG ... resume` reads as well as `--resume`.
+    resume = args.resume or "resume" in args.overrides
+    overrides = [o for o in args.overrides if o != "resume"]
+    config = load_config(resolve_config(args.config), overrides)
+    summary = run_sweep(config, resume=resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "trials"}, indent=2, default=str))
+    test = summary.get("test")
+    print(f"best trial {summary['best_trial']}: {summary['metric']} "
+          f"{summary['best_' + summary['metric']]:.4f}; config written to "
+          f"{summary['best_config']}")
+    if test is not None:
+        print(f"meta-test {test['metric']} of the best config: {test['mean']:.4f} ± "
+              f"{test['ci95']:.4f} (95% CI, {test['episodes']} episodes of the "
+              f"{test['split']} split)")
     return 0
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     output_dir: str = "runs"
     progress: bool = True
+    final_test: bool = True  # meta-test at the end; false: end on the validation split
 
 
 @dataclass
@@ -94,6 +95,35 @@ class RayConfig:
 
 
 @dataclass
+class SearchDimension:
+    """One searched key: ``loguniform``/``uniform`` in [low, high], ``int`` in low..high
+    (inclusive), or ``choice`` of ``values``."""
+
+    type: str = MISSING
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+
+@dataclass
+class TuneConfig:
+    space: dict[str, SearchDimension] = field(default_factory=dict)  # dotted config keys
+    search: str = "random"  # random | tpe (Optuna)
+    num_samples: int = 8  # trials
+    max_concurrent: int = 0  # trials at once; 0: as many as the resources allow
+    metric: str = "auto"  # auto: val_accuracy (classification) or val_mse (regression)
+    scheduler: str = "asha"  # asha | none
+    grace_period: int = 0  # ASHA: steps before a trial can be stopped; 0: train.val_every
+    reduction_factor: int = 3  # ASHA: keep the best 1/reduction_factor at each rung
+    seed: int = 0  # seeds the search algorithm
+    cpus_per_trial: float = 1.0  # a trial with workers > 1 adds its Ray Train workers' CPUs
+    storage_path: str | None = None  # None: <train.output_dir>/sweeps
+    name: str | None = None  # the sweep (its directory, its MLflow parent run); None: config name
+    model_name: str | None = None  # Model Registry name of the best model; None: sweep name
+    final_test: bool = True  # meta-test the best trial's model on the test split
+
+
+@dataclass
 class Config:
     name: str = MISSING
     workers: int = 1
@@ -105,6 +135,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 class ConfigError(ValueError):
@@ -175,6 +206,8 @@ def validate(config: Config) -> None:
         "train.inner_loop": (config.train.inner_loop, ("auto", "loop", "vmap")),
         "model.pool": (config.model.pool, ("max", "stride")),
         "model.readout": (config.model.readout, ("mean", "flatten")),
+        "tune.search": (config.tune.search, ("random", "tpe")),
+        "tune.scheduler": (config.tune.scheduler, ("asha", "none")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -189,6 +222,7 @@ def validate(config: Config) -> None:
         "eval.batch_size": config.eval.batch_size,
         "workers": config.workers,
         "ray.prefetch": config.ray.prefetch,
+        "tune.num_samples": config.tune.num_samples,
     }
     for key, value in positive.items():
         if value < 1:
@@ -197,6 +231,8 @@ def validate(config: Config) -> None:
                        "algorithm.outer_lr": config.algorithm.outer_lr}.items():
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if config.tune.reduction_factor < 2:
+        raise ConfigError(f"tune.reduction_factor={config.tune.reduction_factor} must be >= 2")
     if config.train.steps < 0:
         raise ConfigError(f"train.steps={config.train.steps} must be >= 0")
 

@@ -48,6 +48,10 @@ class Learner:
         params = {k: v.to(device) for k, v in state["params"].items()}
         return cls(model, params, preprocessing, step, torch.device(device))
 
+    def as_module(self) -> FewShotModule:
+        """The learner as an ``nn.Module`` (what MLflow's PyTorch flavour stores)."""
+        return FewShotModule(self)
+
     @property
     def ways(self) -> int | None:
         return getattr(self.model, "ways", None)
@@ -110,6 +114,30 @@ class AdaptedLearner:
         if self.classes is None:
             return out.squeeze(-1).tolist()
         return [self.classes[i] for i in out.argmax(-1).tolist()]
+
+
+class FewShotModule(torch.nn.Module):
+    """The meta-learned initialisation and its test-time inner loop as one module:
+    ``forward(support_x, support_y, query_x)`` adapts to the support set (preprocessed
+    tensors, labels 0..ways-1) and returns the query logits. This is the model a sweep
+    registers in MLflow; the Learner API is the friendlier way in."""
+
+    def __init__(self, learner: Learner) -> None:
+        super().__init__()
+        self.model, self.step = learner.model, learner.step
+        self.preprocessing = learner.preprocessing
+        self.params = torch.nn.ParameterDict(
+            {k.replace(".", "/"): torch.nn.Parameter(v.detach().clone())
+             for k, v in learner.params.items()}
+        )
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        params = {k.replace("/", "."): v.detach() for k, v in self.params.items()}
+        keys = self.model.head_keys if self.step.algorithm == "anil" else None
+        with torch.enable_grad():
+            adapted = adapt(self.model, params, support_x, support_y, lr=self.step.inner_lr,
+                            steps=self.step.inner_steps, first_order=True, keys=keys)
+        return self.model({k: v.detach() for k, v in adapted.items()}, query_x)
 
 
 def _describe(item: object) -> str:

@@ -26,8 +26,9 @@ from metadist.train import train
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def init_ray(config: Config) -> None:
-    """Attach to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray bound to loopback."""
+def init_ray(config: Config, need_cpus: float | None = None) -> None:
+    """Attach to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray bound to loopback
+    with at least ``need_cpus`` logical CPUs (default: what one run of ``config`` asks)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -38,8 +39,11 @@ def init_ray(config: Config) -> None:
         return
     # Logical CPUs for the workers and their light actors; more than the cores is fine,
     # the actors mostly wait.
-    need = config.workers * (config.ray.cpus_per_worker + config.ray.actors * config.ray.actor_cpus)
+    need = need_cpus if need_cpus is not None else run_cpus(config)
     ray.init(
+        # "local": a new instance even when `ray start` left a cluster on this machine,
+        # which ray.init() would otherwise join.
+        address="local",
         num_cpus=max(os.cpu_count() or 1, int(need + 1.999)),
         _node_ip_address="127.0.0.1",
         # The dashboard serves the state API that Ray Train's controller polls; without
@@ -50,12 +54,24 @@ def init_ray(config: Config) -> None:
     )
 
 
+def run_cpus(config: Config) -> float:
+    """Logical CPUs one run asks of Ray: its workers and their episode actors."""
+    actors = config.ray.actors * config.ray.actor_cpus if config.data.dataset != "sinusoid" else 0
+    return config.workers * (config.ray.cpus_per_worker + actors)
+
+
 def train_on_ray(
-    config: Config, *, mlflow_run_id: str | None = None, tracking_uri: str | None = None
+    config: Config, *, mlflow_run_id: str | None = None, tracking_uri: str | None = None,
+    run_dir: str | Path | None = None, callbacks: tuple = (),
 ) -> dict[str, Any]:
+    """``run_dir`` names the run: a second call with the same one (a Tune trial started
+    again) continues from the run's last reported checkpoint. ``callbacks``: Ray Train
+    callbacks (a Tune trial passes ``TuneReportCallback``)."""
     init_ray(config)
     out = Path(config.train.output_dir).resolve()
-    run_dir = out / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    if run_dir is None:
+        run_dir = out / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    run_dir = Path(run_dir).resolve()
     storage = Path(config.ray.storage_path).resolve() if config.ray.storage_path else out / "ray"
     trainer = TorchTrainer(
         worker_loop,
@@ -75,6 +91,7 @@ def train_on_ray(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
@@ -99,26 +116,13 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     resume = cfg.resume
     restored = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
     if restored is not None:
-        local = Path(tempfile.mkdtemp(prefix="metadist-restore-"))
-        with restored.as_directory() as d:
-            shutil.copy(Path(d) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
-        resume = str(local / CHECKPOINT_FILE)
+        resume = local_copy(restored)
     start = int(load_checkpoint(resume)["step"]) if resume else 0
 
     batches, pipeline = None, None
     if cfg.data.dataset != "sinusoid" and cfg.ray.actors > 0:
         pipeline = open_pipeline(cfg, start_step=start, rank=rank, world_size=world)
         batches = pipeline.get
-
-    def on_checkpoint(step: int, path: Path | None, metrics: dict[str, float]) -> None:
-        # Every worker reports; rank 0 hands Ray the checkpoint that a restart resumes from.
-        metrics = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
-        if path is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            shutil.copy(path, Path(d) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -130,8 +134,9 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         with tracker or contextlib.nullcontext():
             if tracker is not None and restored is not None:
                 tracker.note_restart(start)
-            result = train(cfg, tracker, resume, batches=batches, on_checkpoint=on_checkpoint,
-                           run_dir=loop_config["run_dir"])
+            # Every worker reports; rank 0 hands Ray the checkpoint a restart resumes from.
+            result = train(cfg, tracker, resume, batches=batches,
+                           report=reporter(ray.train.report), run_dir=loop_config["run_dir"])
         if pipeline is not None:
             result["pipeline"] = {
                 k: v for k, v in pipeline.stats().items() if isinstance(v, int | float)
@@ -142,11 +147,37 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def reporter(report_fn, checkpoint_cls=Checkpoint):
+    """``train``'s report hook for ``ray.train.report`` (or ``ray.tune.report`` with
+    ``ray.tune.Checkpoint``): metrics at every validation and checkpoint, with the
+    checkpoint on rank 0."""
+
+    def report(metrics: dict[str, float], path: Path | None) -> None:
+        if path is None:
+            report_fn(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy(path, Path(d) / CHECKPOINT_FILE)
+            report_fn(metrics, checkpoint=checkpoint_cls.from_directory(d))
+
+    return report
+
+
+def local_copy(checkpoint: Checkpoint) -> str:
+    """A reported Ray checkpoint as a local ``.pt`` file that ``resume`` can take."""
+    local = Path(tempfile.mkdtemp(prefix="metadist-restore-"))
+    with checkpoint.as_directory() as d:
+        shutil.copy(Path(d) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
+    return str(local / CHECKPOINT_FILE)
+
+
 def open_pipeline(cfg: Config, *, start_step: int, rank: int, world_size: int):
+    from metadist.data.location import Location
     from metadist.data.streams import training_preprocessing
     from metadist.pipeline import EpisodePipeline
 
-    split_dir = Path(cfg.data.dataset) / cfg.data.train_split
+    # A local path or a URI (s3://bucket/omniglot): pathlib would turn s3:// into s3:/.
+    split_dir = Location.of(cfg.data.dataset) / cfg.data.train_split
     return EpisodePipeline(
         split_dir, ways=cfg.data.ways, shots=cfg.data.shots, queries=cfg.data.queries,
         seed=cfg.train.seed, preprocessing=training_preprocessing(cfg.data),

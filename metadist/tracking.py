@@ -13,6 +13,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from metadist.config import Config, flatten
 
@@ -49,15 +50,20 @@ class MLflowTracker:
     """One MLflow run; a metric that fails to log is kept and retried, never fatal."""
 
     def __init__(
-        self, config: Config, *, tracking_uri: str | None = None, run_id: str | None = None
+        self, config: Config, *, tracking_uri: str | None = None, run_id: str | None = None,
+        parent_run_id: str | None = None, tags: dict[str, str] | None = None,
     ) -> None:
-        """``run_id``: attach to a run the driver opened (Ray Train's rank 0 does this)."""
+        """``run_id``: attach to a run opened elsewhere (the driver's, for Ray Train's
+        rank 0; a restarted trial's own). ``parent_run_id``: open a nested run under it
+        (a sweep's trial)."""
         import mlflow
 
         self.mlflow = mlflow
         self.config = config
         self.uri = tracking_uri or resolve_tracking_uri(config)
         self.attach_to = run_id
+        self.parent_run_id = parent_run_id
+        self.tags = tags or {}
         self.pending: list[tuple[dict[str, float], int]] = []
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
@@ -75,20 +81,23 @@ class MLflowTracker:
         if self.attach_to is not None:
             self.run = self.mlflow.start_run(run_id=self.attach_to)
             return self
-        self.run = self.mlflow.start_run(run_name=cfg.tracking.run_name or cfg.name)
-        self.mlflow.log_params({k: str(v) for k, v in flatten(cfg).items()})
-        self.mlflow.set_tags({
-            "algorithm": cfg.algorithm.name,
-            "dataset": Path(cfg.data.dataset).name,
-            "ways": cfg.data.ways,
-            "shots": cfg.data.shots,
-            "git_commit": git_commit(),
-        })
+        self.run = self.mlflow.start_run(
+            run_name=cfg.tracking.run_name or cfg.name, parent_run_id=self.parent_run_id,
+            nested=self.parent_run_id is not None, tags=self.tags,
+        )
+        self.mlflow.log_params(run_params(cfg))
+        self.mlflow.set_tags(run_tags(cfg))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.flush()
-        self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, SystemExit | KeyboardInterrupt):
+            status = "KILLED"  # interrupted, or a trial a tuning scheduler stopped
+        else:
+            status = "FAILED"
+        self.mlflow.end_run(status=status)
 
     def note_restart(self, step: int) -> None:
         """Make a restart visible in the run: a counter tag and the step it resumed from."""
@@ -129,6 +138,28 @@ class MLflowTracker:
         if plot is not None:
             self.log_artifact(plot)
         self.log_artifact(result["checkpoint"], "checkpoints")
+
+
+def run_params(config: Config) -> dict[str, str]:
+    """The flattened config as MLflow params; the ``tune`` section belongs to sweeps."""
+    return {k: str(v) for k, v in flatten(config).items() if not k.startswith("tune.")}
+
+
+def run_tags(config: Config) -> dict[str, Any]:
+    return {
+        "algorithm": config.algorithm.name,
+        "dataset": dataset_name(config.data.dataset),
+        "ways": config.data.ways,
+        "shots": config.data.shots,
+        "git_commit": git_commit(),
+    }
+
+
+def dataset_name(dataset: str) -> str:
+    """``omniglot`` for ``data/omniglot`` and for ``s3://bucket/omniglot?region=...``."""
+    from metadist.data.location import is_uri
+
+    return Path(urlsplit(dataset).path if is_uri(dataset) else dataset).name
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> Path | None:

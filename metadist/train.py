@@ -47,12 +47,17 @@ def train(
     resume: str | Path | None = None,
     *,
     batches: Callable[[int], MetaBatch] | None = None,
-    on_checkpoint: Callable[[int, Path | None, dict[str, float]], None] | None = None,
+    report: Callable[[dict[str, float], Path | None], None] | None = None,
     run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Meta-train and meta-test. ``batches(step)`` overrides where this worker's share of
-    meta-batch ``step`` comes from (the Ray episode pipeline); ``on_checkpoint`` is called
-    on every worker after each checkpoint (rank 0 gets the path, the others None)."""
+    """Meta-train, then meta-test (or, with ``train.final_test=false``, end on the
+    validation split: a tuning trial must never see the test classes).
+
+    ``batches(step)`` overrides where this worker's share of meta-batch ``step`` comes
+    from (the Ray episode pipeline). ``report(metrics, checkpoint)`` is called on every
+    worker at each step that validated or checkpointed (Ray Train's and Ray Tune's
+    report); ``metrics`` has the ``step``, rank 0 gets the checkpoint path, the others None.
+    """
     cfg = config
     rank, world = rank_and_world()
     tracker = tracker if tracker is not None and rank == 0 else NullTracker()
@@ -114,7 +119,7 @@ def train(
             choice[0] = float(picked == "vmap")
         inner_loop = "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 
-    def checkpoint(step: int, name: str, metrics: dict[str, float]) -> Path | None:
+    def checkpoint(step: int, name: str) -> Path | None:
         path = None
         if rank == 0:
             path = save_checkpoint(run_dir / "checkpoints" / name, {
@@ -129,8 +134,6 @@ def train(
                 "rng": rng_state(),
                 "history": history,
             })
-        if on_checkpoint is not None:
-            on_checkpoint(step, path, metrics)
         return path
 
     def evaluate(source, episodes: int, split: str) -> dict[str, Any]:
@@ -151,6 +154,7 @@ def train(
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
                disable=not cfg.train.progress or rank != 0, desc=cfg.name, dynamic_ncols=True)
     tasks_seen, waited, t_start = 0, 0.0, time.perf_counter()
+    last_val: dict[str, Any] | None = None
     for step in bar:
         t_fetch = time.perf_counter()
         batch = batch_at(step)
@@ -177,7 +181,7 @@ def train(
             tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
         if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
-            val = evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
+            val = last_val = evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
             record["val_" + val["metric"]] = val["mean"]
             record["val_" + val["metric"] + "_ci95"] = val["ci95"]
             tracker.log_metrics({k: v for k, v in record.items() if k.startswith("val_")}, done)
@@ -185,14 +189,21 @@ def train(
                 bar.write(f"step {done}: val {val['metric']} {val['mean']:.4f} "
                           f"± {val['ci95']:.4f}")
         history.append(record)
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-            checkpoint(done, f"step-{done:07d}.pt", record)
+        checkpointed = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0
+        path = checkpoint(done, f"step-{done:07d}.pt") if checkpointed else None
+        validated = any(k.startswith("val_") for k in record)
+        # The last step is reported once, with the final checkpoint, below.
+        if report is not None and (validated or checkpointed) and done < cfg.train.steps:
+            report(record, path)
     bar.close()
     train_seconds = time.perf_counter() - t_start
 
     # -- final checkpoint and meta-test ------------------------------------------
-    final = checkpoint(cfg.train.steps, "final.pt", history[-1] if history else {})
-    result = evaluate(streams.test, cfg.eval.episodes, cfg.data.test_split)
+    final = checkpoint(cfg.train.steps, "final.pt")
+    if cfg.train.final_test:
+        result = evaluate(streams.test, cfg.eval.episodes, cfg.data.test_split)
+    else:
+        result = last_val or evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
     result.update(
         run_dir=str(run_dir), checkpoint=str(run_dir / "checkpoints" / "final.pt"),
         inner_loop=inner_loop, train_seconds=train_seconds, steps=cfg.train.steps,
@@ -202,9 +213,12 @@ def train(
     if rank == 0 and final is not None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
         (run_dir / "history.json").write_text(json.dumps(history))
-    tracker.log_metrics({f"test_{result['metric']}": result["mean"],
-                         f"test_{result['metric']}_ci95": result["ci95"]}, cfg.train.steps)
+    if cfg.train.final_test:
+        tracker.log_metrics({f"test_{result['metric']}": result["mean"],
+                             f"test_{result['metric']}_ci95": result["ci95"]}, cfg.train.steps)
     tracker.log_result(result, history)
+    if report is not None:  # last: a scheduler may end this process once it has the result
+        report(history[-1] if history else {"step": cfg.train.steps}, final)
     return result
 
 

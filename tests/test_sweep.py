@@ -1,0 +1,282 @@
+"""`metadist tune`: Ray Tune sweeps over α, β, K with ASHA, tracked in MLflow as one parent
+run with a nested run per trial; the best config is written, re-runs, is meta-tested and
+registered; a killed sweep resumes without redoing (or re-logging) finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metadist.config import ConfigError, load_config
+from metadist.sweep import search_space, trial_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "OMP_NUM_THREADS": "1",
+       "RAY_DEDUP_LOGS": "0"}
+
+
+def metadist(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "metadist.cli", *args], cwd=cwd, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-5000:]
+    return out
+
+
+def child_runs(uri: str, parent_id: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+# -- the search space --------------------------------------------------------------------
+
+
+def sweep_config(*overrides: str, space: dict | None = None, tmp_path: Path | None = None):
+    path = ROOT / "configs" / "tune_sinusoid_maml.yaml"
+    if space is not None:  # dotted keys cannot be written as command-line overrides
+        data = yaml.safe_load(path.read_text())
+        data["tune"]["space"].update(space)
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump(data))
+    return load_config(path, list(overrides))
+
+
+def test_search_space_types_and_inclusive_int_range():
+    from ray import tune
+
+    space = search_space(sweep_config())
+    assert isinstance(space["algorithm.inner_lr"], tune.search.sample.Float)
+    k = space["algorithm.inner_steps"]
+    assert {k.sample() for _ in range(300)} == {1, 2, 3, 4, 5}  # high is inclusive
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"train.nonsense": {"type": "int", "low": 1, "high": 2}}, "'train.nonsense' is not a config"),
+    ({"algorithm.inner_lr": {"type": "loguniform", "low": 0, "high": 1}}, "0 < low < high"),
+    ({"algorithm.inner_steps": {"type": "int", "low": 3, "high": 1}}, "low <= high"),
+    ({"algorithm.name": {"type": "choice", "values": []}}, "non-empty"),
+    ({"algorithm.outer_lr": {"type": "gaussian", "low": 0, "high": 1}}, "'gaussian'"),
+])
+def test_bad_search_spaces_name_the_key(space, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        search_space(sweep_config(space=space, tmp_path=tmp_path))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.checkpoint_every=250", "multiple of train.val_every"),
+    ("train.val_every=0", "val_every must be >= 1"),
+])
+def test_trials_must_validate_at_their_checkpoints(override, message):
+    with pytest.raises(ConfigError, match=message):
+        search_space(sweep_config(override))
+
+
+def test_bad_tune_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="tune.search='grid'"):
+        sweep_config("tune.search=grid")
+    with pytest.raises(ConfigError, match="tune.reduction_factor"):
+        sweep_config("tune.reduction_factor=1")
+
+
+def test_trial_config_applies_sampled_values_and_checks_them():
+    from metadist.config import to_dict
+
+    base = to_dict(sweep_config())
+    cfg = trial_config(base, {"algorithm.inner_lr": 0.05, "algorithm.inner_steps": 3,
+                              "algorithm.name": "fomaml"})
+    assert (cfg.algorithm.inner_lr, cfg.algorithm.inner_steps, cfg.algorithm.name) == (
+        0.05, 3, "fomaml")
+    with pytest.raises(ConfigError, match="algorithm.name"):
+        trial_config(base, {"algorithm.name": "sgd"})
+
+
+def test_an_existing_sweep_is_never_overwritten(tmp_path):
+    from metadist.sweep import run_sweep
+
+    sweep_dir = tmp_path / "sweeps" / "tune_sinusoid_maml"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "keep.txt").write_text("old")
+    cfg = sweep_config(f"train.output_dir={tmp_path}", "tracking.enabled=false")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_sweep(cfg)
+    assert (sweep_dir / "keep.txt").read_text() == "old"
+    with pytest.raises(FileNotFoundError, match="no sweep to resume"):
+        run_sweep(sweep_config(f"train.output_dir={tmp_path}", "tune.name=other",
+                               f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"),
+                  resume=True)
+    assert not (tmp_path / "m.db").exists()  # nothing touched before the check
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path):
+    proc = metadist("tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"),
+                    "tracking.tracking_uri=http://127.0.0.1:9", f"train.output_dir={tmp_path}",
+                    cwd=tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "http://127.0.0.1:9 is unreachable" in err
+    assert not (tmp_path / "sweeps").exists()  # nothing started, nothing written
+
+
+# -- a real sweep on Omniglot ------------------------------------------------------------
+
+
+def test_omniglot_sweep_nested_runs_asha_best_config_and_registered_model(
+        tmp_path, omniglot_small):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps = 24
+    proc = metadist(
+        "tune", str(ROOT / "configs" / "tune_omniglot_5w1s_maml.yaml"),
+        f"data.dataset={omniglot_small}", f"train.steps={steps}", "train.val_every=4",
+        "train.checkpoint_every=12", "train.val_episodes=10", "train.log_every=4",
+        "model.hidden=8", "data.queries=2", "algorithm.meta_batch_size=2",
+        "eval.episodes=20", "eval.batch_size=10", "tune.num_samples=8", "tune.grace_period=4",
+        "tune.reduction_factor=2", "tune.max_concurrent=2", "tune.cpus_per_trial=1",
+        "tune.search=tpe", "tune.model_name=omniglot-best", f"train.output_dir={tmp_path}",
+        f"tracking.tracking_uri={uri}", cwd=tmp_path,
+    )
+    out = finish(proc)
+    sweep_dir = tmp_path / "sweeps" / "tune_omniglot_5w1s_maml"
+    summary = json.loads((sweep_dir / "best_result.json").read_text())
+    client = MlflowClient(uri)
+
+    # One parent run with one nested run per trial, each with params, metrics, artifacts.
+    parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == "true"
+    assert parent.data.params["tune.space.algorithm.inner_lr"] == "loguniform(0.05, 1)"
+    assert parent.data.params["tune.space.algorithm.inner_steps"] == "int(1, 3)"
+    assert parent.data.params["tune.search"] == "tpe"
+    children = child_runs(uri, parent_id)
+    assert len(children) == 8
+    assert len({c.data.tags["metadist.trial_id"] for c in children}) == 8
+    for child in children:
+        assert child.data.params["data.dataset"] == str(omniglot_small)
+        assert child.data.tags["algorithm"] == "maml" and child.data.tags["shots"] == "1"
+        assert "val_accuracy" in child.data.metrics and "train_loss" in child.data.metrics
+        assert "test_accuracy" not in child.data.metrics  # trials never see the test classes
+        sampled = json.loads(child.data.tags["trial_params"])
+        assert float(child.data.params["algorithm.inner_lr"]) == sampled["algorithm.inner_lr"]
+
+    # ASHA stopped some trials early; they are marked so in MLflow.
+    stopped = [c for c in children if "stopped_early_at_step" in c.data.tags]
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert stopped, "ASHA stopped no trial"
+    assert all(int(c.data.tags["stopped_early_at_step"]) < steps for c in stopped)
+    assert all(c.info.status == "KILLED" for c in stopped)
+    assert finished and len(finished) + len(stopped) == 8
+    history = client.get_metric_history(stopped[0].info.run_id, "val_accuracy")
+    assert max(m.step for m in history) < steps
+    for child in finished:
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "curves.png", "result.json", "checkpoints"} <= artifacts
+    assert summary["trials"] and sum(t["stopped_early"] for t in summary["trials"]) == len(stopped)
+
+    # The best trial is the best completed one on validation accuracy.
+    best_child = next(c for c in children
+                      if c.data.tags["metadist.trial_id"] == summary["best_trial"])
+    assert best_child.info.status == "FINISHED"
+    assert summary["best_val_accuracy"] == pytest.approx(
+        max(c.data.metrics["val_accuracy"] for c in finished))
+
+    # Its meta-test on the held-out test split, logged on the parent.
+    test = summary["test"]
+    assert test["split"] == "test" and test["episodes"] == 20
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(test["mean"])
+    assert "meta-test accuracy of the best config" in out
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"best_config.yaml", "best_result.json", "trials.csv", "sweep.png"} <= artifacts
+
+    # The best config is a ready-to-run file with the best values; it re-runs.
+    best_file = sweep_dir / "best_config.yaml"
+    written = yaml.safe_load(best_file.read_text())
+    for key, value in summary["best_params"].items():
+        section, name = key.split(".")
+        assert written[section][name] == value
+    rerun = metadist("train", str(best_file), "train.steps=2", "tracking.enabled=false",
+                     f"train.output_dir={tmp_path / 'rerun'}", cwd=tmp_path)
+    result = json.loads((lambda o: o[o.index("{"):])(finish(rerun)))
+    assert result["split"] == "test" and result["steps"] == 2
+
+    # The best model is registered and loads back as a working few-shot model.
+    import mlflow.pytorch
+
+    from metadist.data.streams import open_streams
+    from metadist.learner import Learner
+
+    version = client.get_model_version("omniglot-best", "1")
+    assert version.run_id == parent_id
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        loaded = mlflow.pytorch.load_model("models:/omniglot-best/1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    reference = Learner.load(summary["best_checkpoint"]).as_module()
+    cfg = load_config(best_file)
+    episode = open_streams(cfg.data, train_seed=0, eval_seed=cfg.eval.seed).test.episode(0)
+    args = (episode.support_x, episode.support_y, episode.query_x)
+    torch.testing.assert_close(loaded(*args), reference(*args))
+
+
+# -- kill and resume ---------------------------------------------------------------------
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"), "train.steps=300",
+            "train.val_every=50", "train.checkpoint_every=100", "train.val_episodes=20",
+            "eval.episodes=20", "tune.num_samples=4", "tune.max_concurrent=1",
+            "tune.scheduler=none", f"train.output_dir={tmp_path}",
+            f"tracking.tracking_uri={uri}"]
+    trials = tmp_path / "sweeps" / "tune_sinusoid_maml" / "trials"
+    proc = metadist(*args, cwd=tmp_path)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        finals = list(trials.glob("*/checkpoints/final.pt"))
+        started = list(trials.glob("*/checkpoints/step-0000100.pt"))
+        # Two trials done and the third one checkpointed: kill the sweep mid-trial.
+        if len(finals) >= 2 and len(started) >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the sweep ended before it could be killed:\n" + proc.stderr.read()[-3000:])
+    proc.wait()
+    parent_id = json.loads((trials.parent / "sweep.json").read_text())["parent_run_id"]
+    before = {c.data.tags["metadist.trial_id"]: c for c in child_runs(uri, parent_id)}
+    done_before = {t for t, c in before.items() if c.info.status == "FINISHED"}
+    assert 2 <= len(done_before) < 4
+    mtimes = {t: (trials / t / "checkpoints" / "final.pt").stat().st_mtime for t in done_before}
+    finish(metadist(*args, "--resume", cwd=tmp_path))
+
+    after = child_runs(uri, parent_id)
+    ids = [c.data.tags["metadist.trial_id"] for c in after]
+    assert len(ids) == 4 and len(set(ids)) == 4  # no duplicate runs
+    assert all(c.info.status == "FINISHED" for c in after)
+    for c in after:  # every trial's run is the one it had before the kill
+        if c.data.tags["metadist.trial_id"] in before:
+            assert c.info.run_id == before[c.data.tags["metadist.trial_id"]].info.run_id
+    for t in done_before:  # finished trials were not run again
+        assert (trials / t / "checkpoints" / "final.pt").stat().st_mtime == mtimes[t]
+    summary = json.loads((trials.parent / "best_result.json").read_text())
+    assert len(summary["trials"]) == 4 and all(t["steps_done"] == 300 for t in summary["trials"])
