@@ -280,3 +280,23 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
         assert (trials / t / "checkpoints" / "final.pt").stat().st_mtime == mtimes[t]
     summary = json.loads((trials.parent / "best_result.json").read_text())
     assert len(summary["trials"]) == 4 and all(t["steps_done"] == 300 for t in summary["trials"])
+
+
+def test_trials_with_workers_run_on_their_own_ray_train_workers(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    finish(metadist(
+        "tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"), "workers=2",
+        "train.steps=100", "train.val_every=50", "train.checkpoint_every=50",
+        "eval.episodes=20", "tune.num_samples=2", "tune.max_concurrent=1",
+        "tune.scheduler=none", "tune.cpus_per_trial=0.5", "train.inner_loop=loop",
+        f"train.output_dir={tmp_path}", f"tracking.tracking_uri={uri}", cwd=tmp_path,
+    ))
+    sweep_dir = tmp_path / "sweeps" / "tune_sinusoid_maml"
+    results = list(sweep_dir.glob("trials/*/result.json"))
+    assert len(results) == 2
+    assert all(json.loads(r.read_text())["workers"] == 2 for r in results)
+    parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
+    children = child_runs(uri, parent_id)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.metrics["val_mse"] > 0 for c in children)  # reported from rank 0
+    assert json.loads((sweep_dir / "best_result.json").read_text())["test"]["episodes"] == 20
