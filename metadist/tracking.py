@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import urllib.request
 import warnings
 from pathlib import Path
@@ -47,7 +48,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 class MLflowTracker:
-    """One MLflow run; a metric that fails to log is kept and retried, never fatal."""
+    """One MLflow run. A server lost mid-run never stops training: metrics that fail to
+    log are kept and retried every ``retry_every`` seconds (not at every step: each try
+    against a dead server costs MLflow's request timeout), the user is warned once per
+    outage, and whatever could not be logged by the end is named, with where it is kept."""
+
+    retry_every = 30.0
 
     def __init__(
         self, config: Config, *, tracking_uri: str | None = None, run_id: str | None = None,
@@ -56,10 +62,17 @@ class MLflowTracker:
         """``run_id``: attach to a run opened elsewhere (the driver's, for Ray Train's
         rank 0; a restarted trial's own). ``parent_run_id``: open a nested run under it
         (a sweep's trial)."""
+        # MLflow's defaults retry a failed request for minutes with exponential back-off,
+        # which would stall training at every step while a server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow
 
         self.mlflow = mlflow
         self.config = config
+        self.retry_at = 0.0  # monotonic time of the next try while the server is away
+        self.outage = False
         self.uri = tracking_uri or resolve_tracking_uri(config)
         self.attach_to = run_id
         self.parent_run_id = parent_run_id
@@ -90,6 +103,7 @@ class MLflowTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self.retry_at = 0.0
         self.flush()
         if exc_type is None:
             status = "FINISHED"
@@ -97,7 +111,17 @@ class MLflowTracker:
             status = "KILLED"  # interrupted, or a trial a tuning scheduler stopped
         else:
             status = "FAILED"
-        self.mlflow.end_run(status=status)
+        if self.pending:
+            warnings.warn(
+                f"MLflow run {self.run_id}: {len(self.pending)} metric records could not be "
+                "logged (server unreachable); they are in the run directory's history.json",
+                stacklevel=2,
+            )
+        try:
+            self.mlflow.end_run(status=status)
+        except Exception as err:
+            warnings.warn(f"MLflow run {self.run_id} could not be ended ({err}); it stays "
+                          "RUNNING in MLflow", stacklevel=2)
 
     def note_restart(self, step: int) -> None:
         """Make a restart visible in the run: a counter tag and the step it resumed from."""
@@ -114,21 +138,35 @@ class MLflowTracker:
         self.flush()
 
     def flush(self) -> None:
+        if not self.pending or time.monotonic() < self.retry_at:
+            return
+        kept = len(self.pending)
         while self.pending:
             metrics, step = self.pending[0]
             try:
                 self.mlflow.log_metrics(metrics, step=step)
             except Exception as err:
-                warnings.warn(
-                    f"MLflow logging failed ({err}); {len(self.pending)} metric records "
-                    "kept and retried at the next log call",
-                    stacklevel=2,
-                )
+                self.retry_at = time.monotonic() + self.retry_every
+                if not self.outage:
+                    warnings.warn(
+                        f"MLflow logging failed ({err}); training goes on, metric records "
+                        f"are kept and retried every {self.retry_every:.0f} s",
+                        stacklevel=3,
+                    )
+                self.outage = True
                 return
             self.pending.pop(0)
+        if self.outage:
+            warnings.warn(f"MLflow reachable again: {kept} kept metric records logged",
+                          stacklevel=3)
+            self.outage = False
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path)
+        try:
+            self.mlflow.log_artifact(str(path), artifact_path)
+        except Exception as err:
+            warnings.warn(f"MLflow could not store artifact {path} ({err}); the file "
+                          "stays where it is", stacklevel=2)
 
     def log_result(self, result: dict[str, Any], history: list[dict[str, float]]) -> None:
         run_dir = Path(result["run_dir"])
