@@ -41,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finish a sweep that was interrupted (same config and overrides)")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("reproduce", help="run rows of the papers' tables "
+                       "(configs/reproduce.yaml) and regenerate docs/results.md")
+    p.add_argument("table", help="omniglot, miniimagenet or all")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every row")
+    p.add_argument("--rows", help="comma-separated row ids (default: every row of the table)")
+    p.add_argument("--budget", default="cpu", help="cpu (this machine's documented budget) "
+                   "or full (the papers' length)")
+    p.add_argument("--dry-run", action="store_true", help="print each row's config, run nothing")
+    p.add_argument("--render-only", action="store_true", help="only regenerate docs/results.md")
+    p.set_defaults(func=cmd_reproduce)
+
     p = sub.add_parser("eval", help="meta-test a checkpoint on held-out classes")
     p.add_argument("checkpoint")
     p.add_argument("--episodes", type=int, help="number of test episodes (default: config's)")
@@ -117,6 +128,30 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"meta-test {test['metric']} of the best config: {test['mean']:.4f} ± "
               f"{test['ci95']:.4f} (95% CI, {test['episodes']} episodes of the "
               f"{test['split']} split)")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from metadist import reproduce
+    from metadist.config import flatten
+
+    tables = reproduce.load_rows()
+    rows = reproduce.select(tables, args.table, args.rows.split(",") if args.rows else None)
+    for row in [] if args.render_only else rows:
+        config = reproduce.row_config(row, args.budget, args.overrides)  # checks every row
+        if args.dry_run:
+            changed = {k: v for k, v in flatten(config).items()
+                       if not k.startswith("tune.")}
+            print(f"{row.id}: {row.config} " + " ".join(
+                [*row.overrides, *row.budget[args.budget], *args.overrides]))
+            print(f"  steps={changed['train.steps']} dataset={changed['data.dataset']}")
+            continue
+        record = reproduce.run_row(row, args.budget, args.overrides)
+        r = record["result"]
+        print(f"{row.id}: {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} % "
+              f"(paper: {row.paper if row.paper is not None else '—'})")
+    if not args.dry_run:
+        print(f"wrote {reproduce.write_report(tables)}")
     return 0
 
 

@@ -1,0 +1,72 @@
+"""`metadist reproduce`: every row of the papers' tables names a config that loads under
+both budgets, a row runs and is recorded, and docs/results.md shows it beside the paper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metadist import reproduce
+from metadist.config import ConfigError
+
+
+def test_every_row_loads_under_both_budgets():
+    tables = reproduce.load_rows()
+    assert set(tables) == {"omniglot", "miniimagenet"}
+    # Omniglot: 2 splits x {5,20}-way x {1,5}-shot x 3 algorithms; miniImageNet: 1 x 2 x 3.
+    assert len(tables["omniglot"]) == 24 and len(tables["miniimagenet"]) == 6
+    for row in tables["omniglot"] + tables["miniimagenet"]:
+        for budget in reproduce.BUDGETS:
+            config = reproduce.row_config(row, budget)
+            assert config.algorithm.name == row.algorithm
+            assert config.data.ways == int(row.setting.split("w")[0])
+            assert config.data.shots == int(row.setting.split("w")[1].rstrip("s"))
+            assert config.data.dataset == row.dataset
+        assert reproduce.row_config(row, "full").train.steps >= 60000
+
+
+def test_paper_targets_are_the_published_ones():
+    rows = {r.id: r for t in reproduce.load_rows().values() for r in t}
+    assert rows["omniglot-1200-423-5w1s-maml"].paper == 98.7
+    assert rows["omniglot-1200-423-20w5s-reptile"].paper_non_transductive == 96.65
+    assert rows["miniimagenet-ravi-larochelle-5w5s-fomaml"].paper == 63.15
+    # The papers report the 1200/423 split only; the alphabet split has no paper figure.
+    assert rows["omniglot-background-evaluation-5w1s-maml"].paper is None
+
+
+def test_unknown_tables_rows_and_budgets_are_errors():
+    tables = reproduce.load_rows()
+    with pytest.raises(ConfigError, match="no table 'cifar'"):
+        reproduce.select(tables, "cifar", None)
+    with pytest.raises(ConfigError, match="unknown rows"):
+        reproduce.select(tables, "omniglot", ["omniglot-5w1s-maml"])
+    row = tables["omniglot"][0]
+    with pytest.raises(ConfigError, match="--budget 'long'"):
+        reproduce.row_config(row, "long")
+
+
+def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot_small):
+    tables = reproduce.load_rows()
+    row = reproduce.select(tables, "omniglot", ["omniglot-1200-423-5w1s-maml"])[0]
+    results = tmp_path / "results"
+    record = reproduce.run_row(row, "cpu", [
+        f"data.dataset={omniglot_small}", "train.steps=3", "train.val_every=3",
+        "train.val_episodes=4", "eval.episodes=12", "eval.batch_size=6", "model.hidden=8",
+        "algorithm.meta_batch_size=2", "data.queries=2", "train.progress=false",
+        "train.inner_loop=loop", "tracking.enabled=false", f"train.output_dir={tmp_path}",
+    ], results=results)
+    saved = json.loads((results / "omniglot" / f"{row.id}.json").read_text())
+    assert saved["result"]["mean"] == record["result"]["mean"]
+    assert saved["result"]["episodes"] == 12 and saved["result"]["split"] == "test"
+    assert saved["paper"] == 98.7 and "train.steps=3" in saved["overrides"]
+    assert (results / "omniglot" / f"{row.id}.png").is_file()
+
+    page = reproduce.render(tables, results)
+    line = next(x for x in page.splitlines() if x.startswith("| 1200-423 | 5w1s | maml |"))
+    r = record["result"]
+    assert f"**{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}**" in line
+    assert "| 98.70 |" in line and "| 3 |" in line
+    other = next(x for x in page.splitlines() if x.startswith("| 1200-423 | 20w5s | reptile |"))
+    assert "not run here" in other and "--budget full" in other
+    assert f"results/omniglot/{row.id}.png" in page
