@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+from metadist.cluster import ClusterError, add_cluster_commands
 from metadist.config import ConfigError, uses_ray
+from metadist.jobs import add_job_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrackingError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrackingError,
+            ClusterError) as err:
         print(f"metadist: error: {err}", file=sys.stderr)
         return 2
 
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_synthetic)
+    add_cluster_commands(sub)  # cluster up/down/status
+    add_job_commands(sub)  # submit, jobs
     return parser
 
 

@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from metadist.checkpoint import load_checkpoint
 from metadist.config import Config, config_from_dict, to_dict
+from metadist.preflight import preflight
 from metadist.train import train
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -68,6 +69,7 @@ def train_on_ray(
     again) continues from the run's last reported checkpoint. ``callbacks``: Ray Train
     callbacks (a Tune trial passes ``TuneReportCallback``)."""
     init_ray(config)
+    preflight(config)  # impossible resources or a missing dataset: fail now
     out = Path(config.train.output_dir).resolve()
     if run_dir is None:
         run_dir = out / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"

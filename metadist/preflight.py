@@ -1,0 +1,92 @@
+"""Checks a Ray run makes in its driver before it starts any worker, so that a run that
+cannot work fails in seconds with a message instead of waiting for resources that will
+never come (Ray queues an unsatisfiable request and waits) or failing inside a worker.
+
+``METADIST_SKIP_RESOURCE_CHECK=1`` turns the resource check off, for an autoscaling
+cluster whose nodes appear only once there is work for them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from metadist.config import Config
+
+
+def preflight(config: Config) -> None:
+    """Both checks; call after ``ray.init``."""
+    check_dataset(config)
+    check_resources(config)
+
+
+def check_dataset(config: Config) -> None:
+    """The dataset and its splits exist and are readable from here (the same messages as
+    a single-process run: FileNotFoundError / ValueError naming the path)."""
+    if config.data.dataset == "sinusoid":
+        return
+    from metadist.data.streams import open_streams
+
+    open_streams(config.data, train_seed=config.train.seed, eval_seed=config.eval.seed)
+
+
+def worker_bundle(config: Config) -> dict[str, float]:
+    """What one Ray Train worker reserves (``ScalingConfig`` in ``metadist.ray_train``)."""
+    bundle = {"CPU": float(config.ray.cpus_per_worker)}
+    if config.ray.use_gpu:
+        bundle["GPU"] = 1.0
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def check_resources(config: Config, nodes: list[dict[str, float]] | None = None) -> None:
+    """Raise ValueError when the cluster can never hold the run: a worker larger than
+    every node, more workers than the nodes can hold, or no room left for the episode
+    actors. ``nodes``: the alive nodes' total resources (default: from Ray)."""
+    if os.environ.get("METADIST_SKIP_RESOURCE_CHECK") == "1":
+        return
+    if nodes is None:
+        nodes = alive_nodes()
+    bundle = worker_bundle(config)
+    actor_cpus = 0.0
+    if config.data.dataset != "sinusoid" and config.ray.actors > 0:
+        actor_cpus = config.workers * config.ray.actors * config.ray.actor_cpus
+    totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    where = (f"the cluster has {len(nodes)} nodes with "
+             + ", ".join(f"{k} {_fmt(v)}" for k, v in totals.items()) + " in all")
+    asked = ", ".join(f"{k} {_fmt(v)}" for k, v in bundle.items())
+    fits = [n for n in nodes if all(n.get(k, 0.0) >= v for k, v in bundle.items())]
+    if not fits:
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)),
+                      default={})
+        raise ValueError(
+            f"a worker needs {{{asked}}} (ray.cpus_per_worker={_fmt(config.ray.cpus_per_worker)}"
+            f", ray.use_gpu={config.ray.use_gpu}) on one node, but no node has that: the "
+            f"largest has CPU {_fmt(largest.get('CPU', 0.0))}, GPU {_fmt(largest.get('GPU', 0.0))}"
+            f"; {where}"
+        )
+    room = sum(min(math.floor(n.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+               for n in fits)
+    if room < config.workers:
+        raise ValueError(
+            f"workers={config.workers} need {config.workers} x {{{asked}}}, but the nodes "
+            f"hold at most {room} such workers; {where}"
+        )
+    cpus = config.workers * bundle.get("CPU", 0.0) + actor_cpus
+    if cpus > totals["CPU"] + 1e-9:
+        raise ValueError(
+            f"workers={config.workers} x CPU {_fmt(bundle.get('CPU', 0.0))} plus "
+            f"{_fmt(actor_cpus)} CPU of episode actors (ray.actors={config.ray.actors} x "
+            f"ray.actor_cpus={_fmt(config.ray.actor_cpus)} per worker) = CPU {_fmt(cpus)}; "
+            f"{where}"
+        )
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"

@@ -1,0 +1,232 @@
+"""``metadist submit`` and ``metadist jobs`` against a real local multi-node Ray cluster
+(``metadist cluster up --local``): a run tracked by a real MLflow server succeeds; jobs
+are listed, inspected, followed and stopped; a request without the cluster's token is
+refused; a run that cannot work fails within seconds with a message that says why."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Imported before any test captures output: Ray's log handler keeps the stream it was
+# created with.
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
+from metadist import cluster as local_cluster
+from metadist.cli import main
+from metadist.jobs import Jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+SINUSOID = "configs/sinusoid_maml.yaml"
+TINY = ["train.progress=false", "train.val_every=0", "eval.episodes=20", "train.log_every=10",
+        "train.inner_loop=loop"]
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the local cluster tracks its processes in /proc")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and two 1-CPU worker nodes, recorded in a state file of the test's own."""
+    state = tmp_path_factory.mktemp("cluster") / "local-cluster.json"
+    saved = {k: os.environ.get(k) for k in (local_cluster.STATE_ENV, "RAY_ADDRESS",
+                                            "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
+    os.environ[local_cluster.STATE_ENV] = str(state)
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE"):
+        os.environ.pop(k, None)
+    try:
+        yield local_cluster.up(
+            nodes=2, cpus=1, state=state, log=lambda *a: None,
+            # Not Ray's usual 6379/8265, which another Ray on this machine may take
+            # between the check that they are free and their use.
+            port=local_cluster.free_port(), dashboard_port=local_cluster.free_port())
+    finally:
+        if state.exists():
+            local_cluster.down(state, log=lambda *a: None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on loopback with a SQLite store and proxied artifacts (README)."""
+    d = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "mlartifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _http_ok(uri + "/health"), 90, "the MLflow server to answer")
+        yield uri, proc
+    finally:
+        local_cluster.kill_sessions([proc.pid])
+
+
+def test_a_submitted_run_succeeds_and_is_tracked_by_the_mlflow_server(
+        cluster, mlflow_server, tmp_path, capsys):
+    import mlflow
+
+    uri, server = mlflow_server
+    # The MLflow server listens on loopback only, like the cluster.
+    assert set(listening_addresses(local_cluster.session_processes([server.pid]))) == {
+        "127.0.0.1"}
+    t0 = time.time()
+    rc = main(["submit", SINUSOID, "workers=2", "train.steps=20", *TINY,
+               f"train.output_dir={tmp_path / 'runs'}", "--mlflow-uri", uri])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    assert "meta-test mse:" in out and "SUCCEEDED" in err
+    job_id = out.split("submitted ", 1)[1].split()[0]
+    print(f"submit -> SUCCEEDED in {time.time() - t0:.0f} s")
+
+    run = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("metadist")
+         .experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["workers"] == "2" and "test_mse" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient(tracking_uri=uri).list_artifacts(
+        run.info.run_id)}
+    assert {"result.json", "config.yaml"} <= artifacts  # stored through the server
+
+    assert main(["jobs", "status", job_id]) == 0
+    assert f"{job_id}: SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "list"]) == 0
+    assert any(job_id in line and "SUCCEEDED" in line
+               for line in capsys.readouterr().out.splitlines())
+    assert main(["jobs", "logs", job_id]) == 0
+    logs = capsys.readouterr().out
+    assert "meta-test mse:" in logs and "Started training worker group of size 2" in logs
+
+
+def test_a_running_job_is_stopped(cluster, tmp_path, capsys):
+    rc = main(["submit", SINUSOID, "workers=1", "train.steps=1000000", *TINY,
+               "tracking.enabled=false", f"train.output_dir={tmp_path / 'runs'}",
+               "--no-follow"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    job_id = out.split("submitted ", 1)[1].split()[0]
+    jobs = Jobs()
+    wait_for(lambda: jobs.status(job_id) == "RUNNING", 60, "the job to start")
+    t0 = time.time()
+    assert main(["jobs", "stop", job_id]) == 0
+    assert f"{job_id}: STOPPED" in capsys.readouterr().out
+    assert time.time() - t0 < 30
+    assert main(["jobs", "status", job_id]) == 1  # a stopped job is not a success
+    capsys.readouterr()
+    assert main(["jobs", "status", "raysubmit_nosuchjob"]) == 2
+    assert "raysubmit_nosuchjob" in capsys.readouterr().err
+
+
+def test_a_request_without_the_clusters_token_is_refused(cluster, tmp_path, capsys,
+                                                         monkeypatch):
+    jobs_before = len(Jobs().list())
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("0" * 64)
+    rc = main(["submit", SINUSOID, "tracking.enabled=false", "--no-follow",
+               "--token-file", str(wrong)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"refused the request (invalid token; token taken from {wrong})" in err
+    assert "~/.ray/auth_token" in err
+    assert main(["jobs", "list", "--token-file", str(wrong)]) == 2
+    assert "refused" in capsys.readouterr().err
+    # A user with no token at all
+    monkeypatch.setattr("metadist.cluster.DEFAULT_TOKEN", tmp_path / "none")
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["submit", SINUSOID, "tracking.enabled=false", "--no-follow"]) == 2
+    assert "refused the request (no token; token taken from nowhere" in capsys.readouterr().err
+    monkeypatch.undo()
+    # Ray's own client without a token is refused too: the server enforces it.
+    with pytest.raises(AuthenticationError):
+        JobSubmissionClient(cluster.dashboard_url)
+    assert len(Jobs().list()) == jobs_before  # nothing was submitted
+
+
+def test_a_bad_config_is_refused_before_submitting(cluster, capsys):
+    jobs_before = len(Jobs().list())
+    assert main(["submit", SINUSOID, "algorithm.name=mamal"]) == 2
+    assert "algorithm.name='mamal' is not one of" in capsys.readouterr().err
+    assert len(Jobs().list()) == jobs_before
+
+
+def test_runs_that_cannot_work_fail_fast_with_a_clear_message(cluster, tmp_path):
+    jobs = Jobs()
+    base = ["python", "-m", "metadist.cli", "train", SINUSOID, "tracking.enabled=false",
+            f"train.output_dir={tmp_path}"]
+    cases = {  # what the job is given -> what its status message must say
+        # a config that only the cluster sees as bad (bypassing the local check)
+        "algorithm.name=mamal": "algorithm.name='mamal' is not one of",
+        "data.dataset=/nonexistent/omniglot": "data.dataset=/nonexistent/omniglot: no such "
+                                              "dataset directory",
+        "workers=64": "workers=64 need 64 x {CPU 1}, but the nodes hold at most 2",
+        "ray.use_gpu=true": "a worker needs {CPU 1, GPU 1}",
+    }
+    from metadist.jobs import runtime_env
+
+    t0 = time.time()
+    submitted = {jobs.submit(" ".join([*base, "workers=2", override]),
+                             runtime_env(env_vars={})): expected
+                 for override, expected in cases.items()}
+    wait_for(lambda: all(jobs.status(j).is_terminal() for j in submitted), 120,
+             "the four jobs to end")
+    took = time.time() - t0
+    for job_id, expected in submitted.items():
+        info = jobs.info(job_id)
+        assert info.status == "FAILED"
+        assert "exit code 2" in info.message and expected in info.message, info.message
+        assert f"metadist: error: {expected}" in jobs.logs(job_id)
+    print(f"four failing jobs ended in {took:.0f} s")
+    assert took < 90  # not a hang: no worker was ever started
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """The local addresses of the TCP sockets these processes listen on (``ss``)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        if any(f"pid={pid}," in line for pid in pids):
+            local = line.split()[3]
+            host = local.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+            found.append(host)
+    return found
