@@ -171,7 +171,8 @@ def train(
         tasks_seen += n_tasks
 
         done = step + 1
-        record = {"step": done, "train_loss": stats[0].item() / n_tasks}
+        record = {"step": done, "train_loss": stats[0].item() / n_tasks,
+                  "elapsed_s": time.perf_counter() - t_start}
         if not batch.query_y.is_floating_point():
             record["train_accuracy"] = stats[1].item() / n_tasks
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
