@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("reproduce", help="run rows of the papers' tables "
-                       "(configs/reproduce.yaml) and regenerate docs/results.md")
+                       "(configs/reproduce/tables.yaml) and regenerate docs/results.md")
     p.add_argument("table", help="omniglot, miniimagenet or all")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every row")
     p.add_argument("--rows", help="comma-separated row ids (default: every row of the table)")

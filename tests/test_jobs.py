@@ -16,9 +16,6 @@ import pytest
 
 # Imported before any test captures output: Ray's log handler keeps the stream it was
 # created with.
-from ray.exceptions import AuthenticationError
-from ray.job_submission import JobSubmissionClient
-
 from metadist import cluster as local_cluster
 from metadist.cli import main
 from metadist.jobs import Jobs
@@ -135,8 +132,7 @@ def test_a_running_job_is_stopped(cluster, tmp_path, capsys):
     assert "raysubmit_nosuchjob" in capsys.readouterr().err
 
 
-def test_a_request_without_the_clusters_token_is_refused(cluster, tmp_path, capsys,
-                                                         monkeypatch):
+def test_a_request_without_the_clusters_token_is_refused(cluster, tmp_path, capsys):
     jobs_before = len(Jobs().list())
     wrong = tmp_path / "wrong-token"
     wrong.write_text("0" * 64)
@@ -148,16 +144,28 @@ def test_a_request_without_the_clusters_token_is_refused(cluster, tmp_path, caps
     assert "~/.ray/auth_token" in err
     assert main(["jobs", "list", "--token-file", str(wrong)]) == 2
     assert "refused" in capsys.readouterr().err
-    # A user with no token at all
-    monkeypatch.setattr("metadist.cluster.DEFAULT_TOKEN", tmp_path / "none")
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        monkeypatch.delenv(var, raising=False)
-    assert main(["submit", SINUSOID, "tracking.enabled=false", "--no-follow"]) == 2
-    assert "refused the request (no token; token taken from nowhere" in capsys.readouterr().err
-    monkeypatch.undo()
+    # A user with no token at all, in a fresh process: Ray caches a token it has seen once
+    # in a process (an earlier ray.init in this one), which would send it anyway.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+    proc = subprocess.run(
+        [sys.executable, "-m", "metadist.cli", "submit", SINUSOID, "tracking.enabled=false",
+         "--no-follow", "--address", cluster.dashboard_url],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "refused the request (no token; token taken from nowhere" in proc.stderr
     # Ray's own client without a token is refused too: the server enforces it.
-    with pytest.raises(AuthenticationError):
-        JobSubmissionClient(cluster.dashboard_url)
+    check = ("from ray.exceptions import AuthenticationError\n"
+             "from ray.job_submission import JobSubmissionClient\n"
+             "try:\n"
+             f"    JobSubmissionClient({cluster.dashboard_url!r})\n"
+             "except AuthenticationError:\n"
+             "    raise SystemExit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
     assert len(Jobs().list()) == jobs_before  # nothing was submitted
 
 
