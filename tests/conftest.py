@@ -3,7 +3,14 @@ copies of them made once per test session."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,3 +46,63 @@ def omniglot_small(tmp_path_factory) -> Path:
         real_data("omniglot"), out, split="background-evaluation", background="small1",
         val_classes=20, seed=0,
     )
+
+
+@contextlib.contextmanager
+def local_ray_cluster(state: Path, nodes: int):
+    """A local multi-node Ray cluster of the test's own (its own state file, 1-CPU worker
+    nodes, Ray's address variables cleared), always torn down."""
+    from metadist import cluster
+
+    keys = (cluster.STATE_ENV, "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ[cluster.STATE_ENV] = str(state)
+    for k in keys[1:]:
+        os.environ.pop(k, None)
+    try:
+        yield cluster.up(
+            nodes=nodes, cpus=1, state=state, log=lambda *a: None,
+            # Not Ray's usual 6379/8265, which another Ray on this machine may take
+            # between the check that they are free and their use.
+            port=cluster.free_port(), dashboard_port=cluster.free_port())
+    finally:
+        if state.exists():
+            cluster.down(state, log=lambda *a: None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def start_mlflow_server(directory: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on loopback with a SQLite store and proxied artifacts (as the
+    README starts it), answering /health; stop it with ``stop_mlflow_server``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{directory / 'mlflow.db'}", "--artifacts-destination",
+         str(directory / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=directory, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    stop_mlflow_server(proc)
+    pytest.fail("mlflow server did not answer within 90 s")
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # its worker processes too
+    proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

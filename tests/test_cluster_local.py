@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import local_ray_cluster
 
 from metadist import cluster as local_cluster
 from metadist.checkpoint import load_checkpoint
@@ -31,27 +32,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 def cluster(tmp_path_factory):
     """A head (no CPUs) and three 1-CPU worker nodes: a 2-worker run spans two of them and
     still fits on the two that are left when one is lost."""
-    state = tmp_path_factory.mktemp("cluster") / "local-cluster.json"
-    saved = {k: os.environ.get(k) for k in (local_cluster.STATE_ENV, "RAY_ADDRESS",
-                                            "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
-    os.environ[local_cluster.STATE_ENV] = str(state)
-    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE"):
-        os.environ.pop(k, None)
     t0 = time.time()
-    try:
-        c = local_cluster.up(nodes=3, cpus=1, state=state, log=lambda *a: None,
-                             port=local_cluster.free_port(),  # not 6379/8265: see test_jobs
-                             dashboard_port=local_cluster.free_port())
+    with local_ray_cluster(tmp_path_factory.mktemp("cluster") / "local-cluster.json", 3) as c:
         print(f"cluster up in {time.time() - t0:.0f} s")
         yield c
-    finally:
-        if state.exists():
-            local_cluster.down(state, log=lambda *a: None)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_up_starts_a_head_and_worker_nodes_listening_on_loopback_only(cluster):

@@ -6,7 +6,6 @@ refused; a run that cannot work fails within seconds with a message that says wh
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import pytest
 
 # Imported before any test captures output: Ray's log handler keeps the stream it was
 # created with.
+from conftest import free_port, local_ray_cluster, start_mlflow_server, stop_mlflow_server
+
 from metadist import cluster as local_cluster
 from metadist.cli import main
 from metadist.jobs import Jobs
@@ -32,49 +33,17 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head and two 1-CPU worker nodes, recorded in a state file of the test's own."""
-    state = tmp_path_factory.mktemp("cluster") / "local-cluster.json"
-    saved = {k: os.environ.get(k) for k in (local_cluster.STATE_ENV, "RAY_ADDRESS",
-                                            "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
-    os.environ[local_cluster.STATE_ENV] = str(state)
-    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE"):
-        os.environ.pop(k, None)
-    try:
-        yield local_cluster.up(
-            nodes=2, cpus=1, state=state, log=lambda *a: None,
-            # Not Ray's usual 6379/8265, which another Ray on this machine may take
-            # between the check that they are free and their use.
-            port=local_cluster.free_port(), dashboard_port=local_cluster.free_port())
-    finally:
-        if state.exists():
-            local_cluster.down(state, log=lambda *a: None)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with local_ray_cluster(tmp_path_factory.mktemp("cluster") / "local-cluster.json", 2) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on loopback with a SQLite store and proxied artifacts (README)."""
-    d = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-         "--artifacts-destination", str(d / "mlartifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port := free_port())
     try:
-        wait_for(lambda: _http_ok(uri + "/health"), 90, "the MLflow server to answer")
-        yield uri, proc
+        yield f"http://127.0.0.1:{port}", proc
     finally:
-        local_cluster.kill_sessions([proc.pid])
+        stop_mlflow_server(proc)
 
 
 def test_a_submitted_run_succeeds_and_is_tracked_by_the_mlflow_server(

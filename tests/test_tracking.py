@@ -3,15 +3,10 @@ the metrics logged while it was away reach it once it is back."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, start_mlflow_server, stop_mlflow_server
 
 from metadist.config import load_config
 from metadist.tracking import MLflowTracker
@@ -20,43 +15,12 @@ from metadist.train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(store: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-         "--artifacts-destination", str(store.parent / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=store.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail("mlflow server did not start")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, 9)  # gunicorn/uvicorn workers too
-    proc.wait()
-
-
 def test_a_server_lost_mid_run_does_not_stop_training(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    store, port = tmp_path / "mlflow.db", free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(store, port)
+    server = start_mlflow_server(tmp_path, port)
     config = load_config(ROOT / "configs" / "sinusoid_maml.yaml", [
         "train.steps=60", "train.log_every=10", "train.val_every=0", "eval.episodes=20",
         "train.progress=false", "train.checkpoint_every=0", f"train.output_dir={tmp_path}",
@@ -69,9 +33,9 @@ def test_a_server_lost_mid_run_does_not_stop_training(tmp_path, monkeypatch):
     def outage(metrics, step):  # the server dies after step 20 and is back after step 40
         nonlocal server
         if step == 30:
-            stop_server(server)
+            stop_mlflow_server(server)
         if step == 50:
-            server = start_server(store, port)
+            server = start_mlflow_server(tmp_path, port)
         log(metrics, step)
 
     tracker.log_metrics = outage
@@ -91,4 +55,4 @@ def test_a_server_lost_mid_run_does_not_stop_training(tmp_path, monkeypatch):
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED" and "test_mse" in run.data.metrics
     finally:
-        stop_server(server)
+        stop_mlflow_server(server)
