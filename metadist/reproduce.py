@@ -7,6 +7,7 @@ records each result with its budget and machine under ``docs/results/``, and reg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -108,7 +109,7 @@ def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS
         tracker = MLflowTracker(config, tags={"reproduce_table": row.table,
                                               "reproduce_row": row.id, "budget": budget})
     started = time.perf_counter()
-    with tracker or _nothing():
+    with tracker or contextlib.nullcontext():
         result = run_training(config, tracker)
     record = {
         "row": row.id, "table": row.table, "split": row.split, "setting": row.setting,
@@ -146,14 +147,6 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- docs/results.md ------------------------------------------------------------------

@@ -11,6 +11,7 @@ its model meta-tested on the held-out test classes and registered in the Model R
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -140,7 +141,7 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
             run_id=trial_run_id(tracking_uri, parent_run_id, trial_id),  # a restarted trial
             tags={TRIAL_TAG: trial_id, "trial_params": json.dumps(sampled)},
         )
-    with tracker or _nothing():
+    with tracker or contextlib.nullcontext():
         if uses_ray(cfg):
             from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -168,14 +169,6 @@ def trial_run_id(tracking_uri: str, parent_run_id: str, trial_id: str) -> str | 
     return runs[0].info.run_id if runs else None
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # -- the sweep ------------------------------------------------------------------------------
 
 
@@ -196,7 +189,7 @@ def run_sweep(config: Config, *, resume: bool = False) -> dict[str, Any]:
     base = to_dict(absolute_paths(config))  # trials run in their own working directories
     state = start_or_resume(sweep_dir, portable, resume)
     tracker = parent_tracker(config, sweep_dir, resume)  # fails here if MLflow is unreachable
-    with tracker or _nothing():
+    with tracker or contextlib.nullcontext():
         if tracker is not None:
             if not resume:
                 log_search_params(tracker, config)
