@@ -39,6 +39,12 @@ def worker_bundle(config: Config) -> dict[str, float]:
     return {k: v for k, v in bundle.items() if v > 0}
 
 
+def run_cpus(config: Config) -> float:
+    """Logical CPUs one run asks of Ray: its workers and their episode actors."""
+    actors = config.ray.actors * config.ray.actor_cpus if config.data.dataset != "sinusoid" else 0
+    return config.workers * (config.ray.cpus_per_worker + actors)
+
+
 def check_resources(config: Config, nodes: list[dict[str, float]] | None = None) -> None:
     """Raise ValueError when the cluster can never hold the run: a worker larger than
     every node, more workers than the nodes can hold, or no room left for the episode
@@ -48,9 +54,7 @@ def check_resources(config: Config, nodes: list[dict[str, float]] | None = None)
     if nodes is None:
         nodes = alive_nodes()
     bundle = worker_bundle(config)
-    actor_cpus = 0.0
-    if config.data.dataset != "sinusoid" and config.ray.actors > 0:
-        actor_cpus = config.workers * config.ray.actors * config.ray.actor_cpus
+    actor_cpus = run_cpus(config) - config.workers * config.ray.cpus_per_worker
     totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     where = (f"the cluster has {len(nodes)} nodes with "
              + ", ".join(f"{k} {_fmt(v)}" for k, v in totals.items()) + " in all")
@@ -72,7 +76,7 @@ def check_resources(config: Config, nodes: list[dict[str, float]] | None = None)
             f"workers={config.workers} need {config.workers} x {{{asked}}}, but the nodes "
             f"hold at most {room} such workers; {where}"
         )
-    cpus = config.workers * bundle.get("CPU", 0.0) + actor_cpus
+    cpus = run_cpus(config)
     if cpus > totals["CPU"] + 1e-9:
         raise ValueError(
             f"workers={config.workers} x CPU {_fmt(bundle.get('CPU', 0.0))} plus "

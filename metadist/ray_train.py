@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from metadist.checkpoint import load_checkpoint
 from metadist.config import Config, config_from_dict, to_dict
-from metadist.preflight import preflight
+from metadist.preflight import preflight, run_cpus
 from metadist.train import train
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -53,12 +53,6 @@ def init_ray(config: Config, need_cpus: float | None = None) -> None:
         dashboard_host="127.0.0.1",
         log_to_driver=True,
     )
-
-
-def run_cpus(config: Config) -> float:
-    """Logical CPUs one run asks of Ray: its workers and their episode actors."""
-    actors = config.ray.actors * config.ray.actor_cpus if config.data.dataset != "sinusoid" else 0
-    return config.workers * (config.ray.cpus_per_worker + actors)
 
 
 def train_on_ray(

@@ -205,7 +205,8 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from metadist.ray_train import init_ray, run_cpus
+    from metadist.preflight import run_cpus
+    from metadist.ray_train import init_ray
 
     per_trial = config.tune.cpus_per_trial + (run_cpus(config) if uses_ray(config) else 0)
     concurrent = config.tune.max_concurrent or config.tune.num_samples
