@@ -198,6 +198,25 @@ def flatten(config: Config) -> dict[str, Any]:
     return out
 
 
+# Fields that name places on disk, relative to the working directory of the process that
+# reads them: a Tune trial or a job on the local cluster runs in another one.
+PATH_KEYS = ("data.dataset", "train.output_dir", "ray.storage_path", "resume",
+             "tune.storage_path")
+
+
+def absolute_paths(config: Config) -> dict[str, str]:
+    """``{key: absolute path}`` for each of the config's local paths that is relative
+    (URIs and the built-in ``sinusoid`` data set are not paths)."""
+    from metadist.data.location import is_uri
+
+    flat = flatten(config)
+    return {
+        key: str(Path(value).resolve()) for key in PATH_KEYS
+        if isinstance(value := flat.get(key), str) and value and value != "sinusoid"
+        and not is_uri(value) and not Path(value).is_absolute()
+    }
+
+
 def validate(config: Config) -> None:
     choices = {
         "model.name": (config.model.name, ("conv4", "mlp")),

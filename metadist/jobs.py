@@ -40,10 +40,6 @@ ROOT = _checkout()
 # Anchored with "/": a bare "data" would also drop the package metadist/data.
 EXCLUDES = ["/.venv", "/.git", "/data", "/runs", "/mlruns", "/mlartifacts", "/mlflow.db",
             "/logs", "*.egg-info", "__pycache__"]
-# Config fields that name places on disk: made absolute when the job runs on the local
-# cluster (same filesystem, but the job's working directory is a copy without them).
-PATH_KEYS = ["data.dataset", "train.output_dir", "ray.storage_path", "resume",
-             "tune.storage_path"]
 
 
 # --- token and address ---------------------------------------------------------------
@@ -179,8 +175,7 @@ def job_arguments(
     the config they make, checked here. CONFIG is relative to the working directory the
     job runs in; on the local cluster relative paths in the config become absolute."""
     from metadist.cli import resolve_config
-    from metadist.config import load_config, to_dict
-    from metadist.data.location import is_uri
+    from metadist.config import absolute_paths, load_config
 
     if not Path(config).is_file() and (root / config).is_file():
         config = str(root / config)  # configs/x.yaml from outside the checkout
@@ -193,14 +188,9 @@ def job_arguments(
             f"config {path} is outside {root}, the directory shipped to the cluster: "
             "put it under configs/"
         ) from None
-    extra = []
-    if local:
-        flat = _flatten(to_dict(loaded))
-        for key in PATH_KEYS:
-            value = flat.get(key)
-            if (value and isinstance(value, str) and value != "sinusoid"
-                    and not is_uri(value) and not Path(value).is_absolute()):
-                extra.append(f"{key}={Path(value).resolve()}")
+    # On the local cluster the filesystem is the same, but the job's working directory is
+    # a copy without data/ and runs/.
+    extra = [f"{k}={v}" for k, v in absolute_paths(loaded).items()] if local else []
     return [command, relative.as_posix(), *overrides, *extra], loaded
 
 
@@ -227,16 +217,6 @@ def pinned_requirements() -> list[str]:
         extras = name[len(base):].split("]")[0] + "]" if "[" in name else ""
         pins.append(f"{base.strip()}{extras}=={metadata.version(base.strip())}")
     return pins
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # --- the command line ----------------------------------------------------------------

@@ -27,6 +27,7 @@ from metadist.config import (
     ConfigError,
     SearchDimension,
     TuneConfig,
+    absolute_paths,
     config_from_dict,
     flatten,
     to_dict,
@@ -186,7 +187,7 @@ def run_sweep(config: Config, *, resume: bool = False) -> dict[str, Any]:
     metric, mode = metric_and_mode(config)
     sweep_dir = sweep_dir_of(config)
     portable = to_dict(config)
-    base = to_dict(absolute_paths(config))  # trials run in their own working directories
+    base = trial_base(config)
     state = start_or_resume(sweep_dir, portable, resume)
     tracker = parent_tracker(config, sweep_dir, resume)  # fails here if MLflow is unreachable
     with tracker or contextlib.nullcontext():
@@ -262,18 +263,15 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
     return summary
 
 
-def absolute_paths(config: Config) -> Config:
-    """Trials run in other working directories: make the config's relative paths absolute."""
-    from metadist.data.location import is_uri
+def trial_base(config: Config) -> dict[str, Any]:
+    """The config trials start from: they run in other working directories, so its
+    relative paths are made absolute and the tracking store is named explicitly."""
     from metadist.tracking import resolve_tracking_uri
 
-    cfg = config_from_dict(to_dict(config))
-    if cfg.data.dataset != "sinusoid" and not is_uri(cfg.data.dataset):
-        cfg.data.dataset = str(Path(cfg.data.dataset).resolve())
-    cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
-    if cfg.tracking.enabled:
-        cfg.tracking.tracking_uri = resolve_tracking_uri(cfg)
-    return cfg
+    fixed: dict[str, Any] = dict(absolute_paths(config))
+    if config.tracking.enabled:
+        fixed["tracking.tracking_uri"] = resolve_tracking_uri(config)
+    return to_dict(trial_config(to_dict(config), fixed))
 
 
 def start_or_resume(sweep_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any]:
