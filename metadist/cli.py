@@ -101,18 +101,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(resolve_config(args.config), args.overrides)
     if args.resume:
         config.resume = args.resume
+    print_result(tracked_training(config))
+    return 0
+
+
+def tracked_training(config, tags: dict[str, str] | None = None) -> dict:
+    """One MLflow run (unless tracking is off) around ``run_training``."""
     tracker = None
     if config.tracking.enabled:
         from metadist.tracking import MLflowTracker
 
-        tracker = MLflowTracker(config)  # fails here, before any compute, if unreachable
+        # Fails here, before any compute, if the store is unreachable.
+        tracker = MLflowTracker(config, tags=tags)
     with tracker or contextlib.nullcontext():
         result = run_training(config, tracker)
         if tracker is not None:
             result["mlflow_run_id"] = tracker.run_id
             result["mlflow_tracking_uri"] = tracker.uri
-    print_result(result)
-    return 0
+    return result
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -138,18 +144,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from metadist import reproduce
-    from metadist.config import flatten
 
     tables = reproduce.load_rows()
     rows = reproduce.select(tables, args.table, args.rows.split(",") if args.rows else None)
     for row in [] if args.render_only else rows:
         config = reproduce.row_config(row, args.budget, args.overrides)  # checks every row
         if args.dry_run:
-            changed = {k: v for k, v in flatten(config).items()
-                       if not k.startswith("tune.")}
             print(f"{row.id}: {row.config} " + " ".join(
                 [*row.overrides, *row.budget[args.budget], *args.overrides]))
-            print(f"  steps={changed['train.steps']} dataset={changed['data.dataset']}")
+            print(f"  steps={config.train.steps} dataset={config.data.dataset}")
             continue
         record = reproduce.run_row(row, args.budget, args.overrides)
         r = record["result"]

@@ -7,7 +7,6 @@ records each result with its budget and machine under ``docs/results/``, and reg
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -99,18 +98,12 @@ def row_config(row: Row, budget: str, overrides: list[str] = ()) -> Config:
 
 def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS) -> dict:
     """Meta-train and meta-test one row, tracked like ``metadist train``, and record it."""
-    from metadist.cli import run_training
+    from metadist.cli import tracked_training
 
     config = row_config(row, budget, overrides)
-    tracker = None
-    if config.tracking.enabled:
-        from metadist.tracking import MLflowTracker
-
-        tracker = MLflowTracker(config, tags={"reproduce_table": row.table,
-                                              "reproduce_row": row.id, "budget": budget})
     started = time.perf_counter()
-    with tracker or contextlib.nullcontext():
-        result = run_training(config, tracker)
+    result = tracked_training(config, tags={"reproduce_table": row.table,
+                                            "reproduce_row": row.id, "budget": budget})
     record = {
         "row": row.id, "table": row.table, "split": row.split, "setting": row.setting,
         "algorithm": row.algorithm, "budget": budget,
@@ -119,7 +112,7 @@ def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS
         "paper_non_transductive": row.paper_non_transductive,
         "result": result, "wall_seconds": time.perf_counter() - started,
         "machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "mlflow_run_id": tracker.run_id if tracker is not None else None,
+        "mlflow_run_id": result.get("mlflow_run_id"),
     }
     write_record(record, Path(result["run_dir"]), results)
     return record

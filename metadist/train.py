@@ -176,9 +176,8 @@ def train(
         if not batch.query_y.is_floating_point():
             record["train_accuracy"] = stats[1].item() / n_tasks
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            elapsed = time.perf_counter() - t_start
-            record["tasks_per_s"] = tasks_seen / elapsed
-            record["data_wait_fraction"] = waited / elapsed
+            record["tasks_per_s"] = tasks_seen / record["elapsed_s"]
+            record["data_wait_fraction"] = waited / record["elapsed_s"]
             tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
         if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
