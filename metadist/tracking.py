@@ -7,6 +7,7 @@ at an ``mlflow server`` on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -15,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from filelock import FileLock
 
 from metadist.config import Config, flatten
 
@@ -29,6 +32,16 @@ def resolve_tracking_uri(config: Config) -> str:
 
 class TrackingError(RuntimeError):
     pass
+
+
+def first_use_lock(uri: str) -> contextlib.AbstractContextManager:
+    """Serialises the first use of a local SQLite store across processes: MLflow creates
+    and migrates the tables when a process first opens it, and two runs started at once
+    on a fresh store collide in that migration (``Online migration expected to match one
+    row ... 0 found``)."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -82,7 +95,8 @@ class MLflowTracker:
         mlflow.set_tracking_uri(self.uri)
         try:
             # Fails fast, before any compute is spent, when the store is unreachable.
-            mlflow.set_experiment(config.tracking.experiment)
+            with first_use_lock(self.uri):
+                mlflow.set_experiment(config.tracking.experiment)
         except Exception as err:
             raise TrackingError(
                 f"MLflow tracking store {self.uri!r} is not usable: {err}. Set "

@@ -56,3 +56,35 @@ def test_a_server_lost_mid_run_does_not_stop_training(tmp_path, monkeypatch):
         assert run.info.status == "FINISHED" and "test_mse" in run.data.metrics
     finally:
         stop_mlflow_server(server)
+
+
+def test_runs_started_at_once_on_a_fresh_sqlite_store_all_get_tracked(tmp_path):
+    """MLflow creates and migrates a SQLite store's tables on first use; without a lock,
+    two runs started together on a fresh store fail in that migration."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = (
+        "import sys\n"
+        "from metadist.config import load_config\n"
+        "from metadist.tracking import MLflowTracker\n"
+        f"config = load_config({str(ROOT / 'configs' / 'sinusoid_maml.yaml')!r}, "
+        f"['tracking.tracking_uri={uri}'])\n"
+        "with MLflowTracker(config) as tracker:\n"
+        "    tracker.log_metrics({'loss': 1.0}, 1)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+
+    import mlflow
+
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("metadist").experiment_id]
+    )
+    assert len(runs) == 3
+    assert all(r.data.metrics["loss"] == 1.0 for r in runs)
