@@ -96,7 +96,8 @@ def fwd_bwd(op, *inputs):
 
 
 def measure(layer: Layer) -> dict[str, float]:
-    n, s, ci, co, st, tk = layer.images, layer.side, layer.c_in, layer.c_out, layer.stride, layer.tasks
+    n, s, ci, co = layer.images, layer.side, layer.c_in, layer.c_out
+    st, tk = layer.stride, layer.tasks
     gen = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
@@ -147,8 +148,9 @@ def maml_step_rates(layers: list[Layer], ways: int, shots: int, inner_lr: float,
         meta_gradient(model, params, batch, step, inner_loop="loop")
     flops = counter.get_total_flops()
     return {
-        path: flops / timed(lambda: meta_gradient(model, params, batch, step, inner_loop=path,
-                                                  chunk=chunk), min_seconds=3.0)
+        path: flops / timed(lambda path=path: meta_gradient(model, params, batch, step,
+                                                            inner_loop=path, chunk=chunk),
+                            min_seconds=3.0)
         for path in ("loop", "vmap")
     }
 
@@ -198,7 +200,8 @@ def main() -> None:
                 for name, r in rates.items():
                     total_time[name] = total_time.get(name, 0.0) + f / r
             whole = {name: total_flops / t for name, t in total_time.items()}
-            cells = " | ".join(f"**{r / 1e9:.0f} ({100 * r / ceiling:.0f}%)**" for r in whole.values())
+            cells = " | ".join(f"**{r / 1e9:.0f} ({100 * r / ceiling:.0f}%)**"
+                               for r in whole.values())
             lines.append(f"| all four | | {cells} |")
             step = maml_step_rates(layers, chunk=args.chunk, **algorithm)
             loop = step["loop"]
