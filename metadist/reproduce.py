@@ -192,6 +192,9 @@ def render(tables: dict[str, list[Row]], results: Path = RESULTS, spec_path: Pat
             if (results / table / f"{row.id}.png").is_file():
                 curves.append(row.id)
         lines += [""]
+        # Where our settings or data differ from a paper's, beyond the budget.
+        if t.get("notes"):
+            lines += [f"- {note.strip()}" for note in t["notes"]] + [""]
         if curves:
             lines += ["Learning curves (meta-training loss; training and validation "
                       "accuracy):", ""]

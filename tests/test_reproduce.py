@@ -70,3 +70,4 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     other = next(x for x in page.splitlines() if x.startswith("| 1200-423 | 20w5s | reptile |"))
     assert "not run here" in other and "--budget full" in other
     assert f"results/omniglot/{row.id}.png" in page
+    assert "- Reptile: " in page  # the differences from the papers are on the page
