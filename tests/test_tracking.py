@@ -1,10 +1,14 @@
 """An MLflow server lost in the middle of a run: training goes on, the user is told, and
-the metrics logged while it was away reach it once it is back."""
+the metrics logged while it was away reach it once it is back; and runs started together
+on a fresh local store."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from conftest import free_port, start_mlflow_server, stop_mlflow_server
 
@@ -61,12 +65,8 @@ def test_a_server_lost_mid_run_does_not_stop_training(tmp_path, monkeypatch):
 def test_runs_started_at_once_on_a_fresh_sqlite_store_all_get_tracked(tmp_path):
     """MLflow creates and migrates a SQLite store's tables on first use; without a lock,
     two runs started together on a fresh store fail in that migration."""
-    import subprocess
-    import sys
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = (
-        "import sys\n"
         "from metadist.config import load_config\n"
         "from metadist.tracking import MLflowTracker\n"
         f"config = load_config({str(ROOT / 'configs' / 'sinusoid_maml.yaml')!r}, "
@@ -81,10 +81,7 @@ def test_runs_started_at_once_on_a_fresh_sqlite_store_all_get_tracked(tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
 
-    import mlflow
-
-    runs = mlflow.MlflowClient(uri).search_runs(
-        [mlflow.MlflowClient(uri).get_experiment_by_name("metadist").experiment_id]
-    )
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("metadist").experiment_id])
     assert len(runs) == 3
     assert all(r.data.metrics["loss"] == 1.0 for r in runs)
