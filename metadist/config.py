@@ -21,6 +21,8 @@ class DataConfig:
     ways: int = 5
     shots: int = 1
     queries: int = 15
+    train_shots: int | None = None  # meta-training episodes' shots; None: shots
+    train_queries: int | None = None  # meta-training episodes' queries; None: queries
     image_size: int | None = None  # None: the dataset manifest's recommendation
     channels: int | None = None
     train_split: str = "train"
@@ -47,6 +49,11 @@ class AlgorithmConfig:
     meta_batch_size: int = 32
     outer_lr: float = 0.001  # β
     outer_optimizer: str = "adam"  # adam | sgd (Reptile's β(φ-θ) update is sgd)
+    outer_lr_final: float | None = None  # β annealed linearly to this over train.steps
+    inner_batch: int = 0  # support rows per inner step (minibatches); 0: the whole support
+    test_inner_batch: int | None = None  # at validation and meta-test; None: inner_batch
+    inner_optimizer: str = "sgd"  # sgd | adam (first-order algorithms only)
+    inner_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # inner Adam's
 
 
 @dataclass
@@ -222,6 +229,7 @@ def validate(config: Config) -> None:
         "model.name": (config.model.name, ("conv4", "mlp")),
         "algorithm.name": (config.algorithm.name, ("maml", "fomaml", "anil", "reptile")),
         "algorithm.outer_optimizer": (config.algorithm.outer_optimizer, ("adam", "sgd")),
+        "algorithm.inner_optimizer": (config.algorithm.inner_optimizer, ("sgd", "adam")),
         "train.inner_loop": (config.train.inner_loop, ("auto", "loop", "vmap")),
         "model.pool": (config.model.pool, ("max", "stride")),
         "model.readout": (config.model.readout, ("mean", "flatten")),
@@ -250,10 +258,45 @@ def validate(config: Config) -> None:
                        "algorithm.outer_lr": config.algorithm.outer_lr}.items():
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    at_least = {  # None: falls back to another key
+        "data.train_shots": (config.data.train_shots, 1),
+        "data.train_queries": (config.data.train_queries, 0),
+        "algorithm.inner_batch": (config.algorithm.inner_batch, 0),
+        "algorithm.test_inner_batch": (config.algorithm.test_inner_batch, 0),
+    }
+    for key, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}")
+    _validate_inner_optimizer(config.algorithm)
+    final = config.algorithm.outer_lr_final
+    if final is not None and not 0 <= final <= config.algorithm.outer_lr:
+        raise ConfigError(f"algorithm.outer_lr_final={final} must lie in [0, algorithm.outer_lr="
+                          f"{config.algorithm.outer_lr}] (it anneals β down)")
     if config.tune.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor={config.tune.reduction_factor} must be >= 2")
     if config.train.steps < 0:
         raise ConfigError(f"train.steps={config.train.steps} must be >= 0")
+
+
+def _validate_inner_optimizer(algorithm: AlgorithmConfig) -> None:
+    betas = algorithm.inner_betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"algorithm.inner_betas={list(betas)} must be two values in [0, 1)")
+    first_order = (algorithm.first_order if algorithm.first_order is not None
+                   else algorithm.name in ("fomaml", "reptile"))
+    if algorithm.inner_optimizer == "adam" and not first_order:
+        raise ConfigError(
+            f"algorithm.inner_optimizer='adam' needs a first-order algorithm; "
+            f"algorithm.name={algorithm.name!r} differentiates through the inner loop "
+            "(use fomaml or reptile, or algorithm.first_order=true)"
+        )
+
+
+def train_episode_shape(data: DataConfig) -> tuple[int, int]:
+    """(shots, queries) of meta-training episodes; validation and test use data.shots and
+    data.queries."""
+    shots = data.shots if data.train_shots is None else data.train_shots
+    return shots, data.queries if data.train_queries is None else data.train_queries
 
 
 def uses_ray(config: Config) -> bool:

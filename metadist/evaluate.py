@@ -27,11 +27,12 @@ def meta_test(
     chunk: int = 0,
     device: torch.device | str = "cpu",
     protocol: dict[str, Any] | None = None,
+    order_seed: int = 0,
 ) -> dict[str, Any]:
     """Episodes 0..episodes-1 of ``episodes_source`` (a sampler seeded for evaluation)."""
     loss, acc, classification = episode_scores(
         model, params, episodes_source, step, start=0, stop=episodes, batch_size=batch_size,
-        inner_loop=inner_loop, chunk=chunk, device=device,
+        inner_loop=inner_loop, chunk=chunk, device=device, order_seed=order_seed,
     )
     return summarize(loss, acc, classification, step, protocol)
 
@@ -48,14 +49,20 @@ def episode_scores(
     inner_loop: str = "loop",
     chunk: int = 0,
     device: torch.device | str = "cpu",
+    order_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Per-episode query (loss, accuracy) of episodes start..stop-1, float64 on the CPU."""
+    """Per-episode query (loss, accuracy) of episodes start..stop-1, float64 on the CPU.
+    With inner minibatches, episode i's follow (``order_seed``, i)."""
     losses, accs = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
     classification = not source.episode(0).query_y.is_floating_point()
     for lo in range(start, stop, batch_size):
-        batch = episode_batch(source, lo, min(lo + batch_size, stop))
-        batch = MetaBatch(*(t.to(device) for t in batch))
-        loss, acc = adapted_scores(model, params, batch, step, inner_loop=inner_loop, chunk=chunk)
+        hi = min(lo + batch_size, stop)
+        batch = MetaBatch(*(t.to(device) for t in episode_batch(source, lo, hi)))
+        order = step.minibatches(batch.support_x.shape[1], order_seed, range(lo, hi))
+        loss, acc = adapted_scores(
+            model, params, batch, step, inner_loop=inner_loop, chunk=chunk,
+            order=None if order is None else order.to(device),
+        )
         losses.append(loss.cpu().double())
         accs.append(acc.cpu().double())
     return torch.cat(losses), torch.cat(accs), classification
@@ -118,11 +125,13 @@ def evaluate_checkpoint(
     model = model_from_spec(state["model"])
     check_params(model, state["params"], str(checkpoint))
     params = {k: v.to(dev) for k, v in state["params"].items()}
-    step = MetaStep(cfg.algorithm.name, cfg.algorithm.inner_lr,
-                    inner_steps or cfg.algorithm.test_inner_steps, True)
+    if inner_steps is not None:
+        cfg.algorithm.test_inner_steps = inner_steps
+    step = MetaStep.from_config(cfg.algorithm, test=True)
     result = meta_test(
         model, params, streams.test, step, episodes=episodes, batch_size=cfg.eval.batch_size,
         device=dev, protocol=protocol(cfg, cfg.data.test_split, episodes),
+        order_seed=cfg.eval.seed,
     )
     result.update(checkpoint=str(checkpoint), trained_steps=state["step"])
     return result

@@ -15,6 +15,7 @@ together, not one image at a time.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from metadist.algorithms import MetaStep, adapt
 from metadist.checkpoint import load_checkpoint
+from metadist.config import config_from_dict
 from metadist.data.episodes import Preprocessing
 from metadist.data.images import load_image
 from metadist.models import check_params, model_from_spec
@@ -38,9 +40,8 @@ class Learner:
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Learner:
         state = load_checkpoint(checkpoint, map_location=device)
-        algorithm = state["config"]["algorithm"]
-        step = MetaStep(algorithm["name"], algorithm["inner_lr"], algorithm["test_inner_steps"],
-                        first_order=True)
+        # Through the config schema: a checkpoint from before a key existed gets its default.
+        step = MetaStep.from_config(config_from_dict(state["config"]).algorithm, test=True)
         pre = state.get("preprocessing")
         preprocessing = Preprocessing(**pre) if pre is not None else None
         model = model_from_spec(state["model"])
@@ -73,7 +74,9 @@ class Learner:
         return pre.apply(torch.stack(images)).to(self.device)
 
     def adapt(self, support, labels: Sequence[Hashable], *, steps: int | None = None,
-              lr: float | None = None) -> AdaptedLearner:
+              lr: float | None = None, seed: int = 0) -> AdaptedLearner:
+        """Adapt to one task. ``steps``/``lr`` override the meta-test inner loop's; ``seed``
+        orders the inner minibatches where the run used them."""
         x = self.inputs(support)
         if self.preprocessing is None:  # regression: labels are target values
             classes = None
@@ -89,12 +92,10 @@ class Learner:
                 )
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[label] for label in labels], device=self.device)
-        keys = self.model.head_keys if self.step.algorithm == "anil" else None
-        params = {k: v.detach() for k, v in self.params.items()}
-        with torch.enable_grad():
-            adapted = adapt(self.model, params, x, y, lr=lr or self.step.inner_lr,
-                            steps=steps or self.step.inner_steps, first_order=True, keys=keys)
-        return AdaptedLearner(self, {k: v.detach() for k, v in adapted.items()}, classes)
+        step = replace(self.step, inner_lr=lr or self.step.inner_lr,
+                       inner_steps=steps or self.step.inner_steps)
+        return AdaptedLearner(self, adapt_to_task(self.model, self.params, step, x, y, seed),
+                              classes)
 
 
 class AdaptedLearner:
@@ -132,12 +133,22 @@ class FewShotModule(torch.nn.Module):
         )
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
-        params = {k.replace("/", "."): v.detach() for k, v in self.params.items()}
-        keys = self.model.head_keys if self.step.algorithm == "anil" else None
-        with torch.enable_grad():
-            adapted = adapt(self.model, params, support_x, support_y, lr=self.step.inner_lr,
-                            steps=self.step.inner_steps, first_order=True, keys=keys)
-        return self.model({k: v.detach() for k, v in adapted.items()}, query_x)
+        params = {k.replace("/", "."): v for k, v in self.params.items()}
+        adapted = adapt_to_task(self.model, params, self.step, support_x, support_y, seed=0)
+        return self.model(adapted, query_x)
+
+
+def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y: Tensor,
+                  seed: int) -> dict[str, Tensor]:
+    """The meta-test inner loop on one support set; detached adapted parameters."""
+    keys = model.head_keys if step.algorithm == "anil" else None
+    order = step.minibatches(len(x), seed, [0])
+    params = {k: v.detach() for k, v in params.items()}
+    with torch.enable_grad():
+        adapted = adapt(model, params, x, y, first_order=True, keys=keys,
+                        order=None if order is None else order[0].to(x.device),
+                        **step.adapt_options())
+    return {k: v.detach() for k, v in adapted.items()}
 
 
 def _describe(item: object) -> str:

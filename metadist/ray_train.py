@@ -20,7 +20,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from metadist.checkpoint import load_checkpoint
-from metadist.config import Config, config_from_dict, to_dict
+from metadist.config import Config, config_from_dict, to_dict, train_episode_shape
 from metadist.preflight import preflight, run_cpus
 from metadist.train import train
 
@@ -174,8 +174,9 @@ def open_pipeline(cfg: Config, *, start_step: int, rank: int, world_size: int):
 
     # A local path or a URI (s3://bucket/omniglot): pathlib would turn s3:// into s3:/.
     split_dir = Location.of(cfg.data.dataset) / cfg.data.train_split
+    shots, queries = train_episode_shape(cfg.data)
     return EpisodePipeline(
-        split_dir, ways=cfg.data.ways, shots=cfg.data.shots, queries=cfg.data.queries,
+        split_dir, ways=cfg.data.ways, shots=shots, queries=queries,
         seed=cfg.train.seed, preprocessing=training_preprocessing(cfg.data),
         meta_batch_size=cfg.algorithm.meta_batch_size, num_actors=cfg.ray.actors,
         actor_cpus=cfg.ray.actor_cpus, prefetch=cfg.ray.prefetch, start_step=start_step,

@@ -59,18 +59,25 @@ def load_rows(path: Path = TABLES) -> dict[str, list[Row]]:
             for setting, st in t["settings"].items():
                 for algorithm, a in t["algorithms"].items():
                     config = REPO / a["config"].format(base=st["base"])
-                    steps = t["cpu_steps"][setting]
+                    # An algorithm may set its own steps and overrides, for every setting
+                    # (a list) or per setting (a mapping).
+                    steps = {**t["cpu_steps"], **a.get("cpu_steps", {})}[setting]
+                    budget = {k: _for_setting(v, setting) for k, v in a["budget"].items()}
                     rows.append(Row(
                         table=table, split=split, setting=setting, algorithm=algorithm,
                         config=config, dataset=sp["dataset"],
                         overrides=[f"data.dataset={sp['dataset']}", *st["overrides"],
-                                   *a.get("overrides", [])],
-                        budget={"cpu": [f"train.steps={steps}"], **a["budget"]},
+                                   *_for_setting(a.get("overrides", []), setting)],
+                        budget={"cpu": [f"train.steps={steps}"], **budget},
                         paper=a["paper"].get(setting) if sp["paper"] else None,
                         paper_non_transductive=(a["paper_non_transductive"].get(setting)
                                                 if sp["paper"] else None),
                     ))
     return tables
+
+
+def _for_setting(value: list | dict, setting: str) -> list:
+    return value.get(setting, []) if isinstance(value, dict) else value
 
 
 def select(tables: dict[str, list[Row]], table: str, rows: list[str] | None) -> list[Row]:

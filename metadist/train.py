@@ -86,27 +86,27 @@ def train(
     }
     broadcast_from_rank0(list(params.values()))
     optimizer = make_optimizer(cfg, list(params.values()))
+    schedule = make_schedule(cfg, optimizer)
     meta_batch_size = cfg.algorithm.meta_batch_size
-    meta_step = MetaStep(
-        cfg.algorithm.name, cfg.algorithm.inner_lr, cfg.algorithm.inner_steps,
-        cfg.algorithm.first_order,
-    )
-    test_step = MetaStep(
-        cfg.algorithm.name, cfg.algorithm.inner_lr, cfg.algorithm.test_inner_steps, True
-    )
+    meta_step = MetaStep.from_config(cfg.algorithm)
+    test_step = MetaStep.from_config(cfg.algorithm, test=True)
     start = 0
     history: list[dict[str, float]] = []
     if resume is not None:
-        start, history = restore(resume, model, params, optimizer)
+        start, history = restore(resume, model, params, optimizer, schedule)
     lo, hi = shard_bounds(meta_batch_size, rank, world)
 
-    def batch_at(step: int) -> MetaBatch:
+    def batch_at(step: int) -> tuple[MetaBatch, torch.Tensor | None]:
+        first = step * meta_batch_size
         if batches is not None:
             batch = batches(step)
         else:
-            batch = episode_batch(streams.train, step * meta_batch_size + lo,
-                                  step * meta_batch_size + hi)
-        return MetaBatch(*(t.to(device) for t in batch))
+            batch = episode_batch(streams.train, first + lo, first + hi)
+        # Task i's inner minibatches follow (seed, i), as its episode does.
+        order = meta_step.minibatches(batch.support_x.shape[1], cfg.train.seed,
+                                      range(first + lo, first + hi))
+        return (MetaBatch(*(t.to(device) for t in batch)),
+                None if order is None else order.to(device))
 
     inner_loop = cfg.train.inner_loop
     if inner_loop == "auto":
@@ -115,7 +115,10 @@ def train(
         if rank == 0:
             probe = episode_batch(streams.train, 0, max(hi - lo, 1))
             probe = MetaBatch(*(t.to(device) for t in probe))
-            picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk)
+            order = meta_step.minibatches(probe.support_x.shape[1], cfg.train.seed,
+                                          range(probe.support_x.shape[0]))
+            picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk,
+                                     None if order is None else order.to(device))
             choice[0] = float(picked == "vmap")
         inner_loop = "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 
@@ -142,7 +145,7 @@ def train(
         loss, acc, classification = episode_scores(
             model, params, source, test_step, start=e_lo, stop=e_hi,
             batch_size=cfg.eval.batch_size, inner_loop=inner_loop, chunk=cfg.train.chunk,
-            device=device,
+            device=device, order_seed=cfg.eval.seed,
         )
         full = torch.zeros(2, episodes, dtype=torch.float64)
         full[0, e_lo:e_hi], full[1, e_lo:e_hi] = loss, acc
@@ -157,10 +160,11 @@ def train(
     last_val: dict[str, Any] | None = None
     for step in bar:
         t_fetch = time.perf_counter()
-        batch = batch_at(step)
+        batch, order = batch_at(step)
         waited += time.perf_counter() - t_fetch
         grads, sums = meta_gradient(
-            model, params, batch, meta_step, inner_loop=inner_loop, chunk=cfg.train.chunk
+            model, params, batch, meta_step, inner_loop=inner_loop, chunk=cfg.train.chunk,
+            order=order,
         )
         stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0]])
         *reduced, stats = all_reduce_sum([grads[k] for k in params] + [stats])
@@ -168,11 +172,15 @@ def train(
         for p, g in zip(params.values(), reduced):
             p.grad = g / n_tasks
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         tasks_seen += n_tasks
 
         done = step + 1
         record = {"step": done, "train_loss": stats[0].item() / n_tasks,
                   "elapsed_s": time.perf_counter() - t_start}
+        if schedule is not None:
+            record["outer_lr"] = optimizer.param_groups[0]["lr"]
         if not batch.query_y.is_floating_point():
             record["train_accuracy"] = stats[1].item() / n_tasks
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
@@ -227,6 +235,8 @@ def protocol(cfg: Config, split: str, episodes: int) -> dict[str, Any]:
         "dataset": cfg.data.dataset, "split": split, "ways": cfg.data.ways,
         "shots": cfg.data.shots, "queries": cfg.data.queries, "seed": cfg.eval.seed,
         "algorithm": cfg.algorithm.name, "episodes": episodes,
+        "inner_batch": MetaStep.from_config(cfg.algorithm, test=True).inner_batch,
+        "inner_optimizer": cfg.algorithm.inner_optimizer,
     }
 
 
@@ -236,25 +246,45 @@ def make_optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.Optim
     return torch.optim.Adam(params, lr=cfg.algorithm.outer_lr)
 
 
-def restore(path, model, params, optimizer) -> tuple[int, list[dict[str, float]]]:
+def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer):
+    """β annealed linearly from outer_lr to outer_lr_final over train.steps (Reptile's
+    meta-step schedule); None: β stays constant. The rate is a function of the step and of
+    train.steps alone, so a resumed run, or one extended on resume, needs no saved state."""
+    final = cfg.algorithm.outer_lr_final
+    if final is None:
+        return None
+    end, total = final / cfg.algorithm.outer_lr, max(cfg.train.steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1 + (end - 1) * min(step, total) / total
+    )
+
+
+def restore(path, model, params, optimizer, schedule=None) -> tuple[int, list[dict[str, float]]]:
     state = load_checkpoint(path)
     check_params(model, state["params"], str(path))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state["params"][k])
     optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.last_epoch = int(state["step"])
+        for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs,
+                                       schedule.lr_lambdas):
+            group["lr"] = base * factor(schedule.last_epoch)
     if "rng" in state:
         set_rng_state(state["rng"])
     return int(state["step"]), list(state.get("history", []))
 
 
-def pick_inner_loop(model, params, batch: MetaBatch, step: MetaStep, chunk: int) -> str:
+def pick_inner_loop(model, params, batch: MetaBatch, step: MetaStep, chunk: int,
+                    order: torch.Tensor | None = None) -> str:
     """Time one meta-gradient of each path on a real batch and keep the faster one."""
     timings = {}
     for inner_loop in ("loop", "vmap"):
-        meta_gradient(model, params, batch, step, inner_loop=inner_loop, chunk=chunk)  # warm-up
-        t0 = time.perf_counter()
-        meta_gradient(model, params, batch, step, inner_loop=inner_loop, chunk=chunk)
+        for _ in range(2):  # a warm-up, then the timed one
+            t0 = time.perf_counter()
+            meta_gradient(model, params, batch, step, inner_loop=inner_loop, chunk=chunk,
+                          order=order)
         timings[inner_loop] = time.perf_counter() - t0
     best = min(timings, key=timings.get)
     tqdm.write(

@@ -28,6 +28,12 @@ def test_overrides_are_typed_and_win_over_the_file():
         ("algorithm.name=protonet", "algorithm.name='protonet'"),
         ("data.ways=0", "data.ways=0"),
         ("train.steps", "key=value"),
+        ("data.train_shots=0", "data.train_shots=0 must be >= 1"),
+        ("algorithm.inner_batch=-1", "algorithm.inner_batch=-1 must be >= 0"),
+        ("algorithm.inner_optimizer=rmsprop", "algorithm.inner_optimizer='rmsprop'"),
+        ("algorithm.inner_optimizer=adam", "inner_optimizer='adam' needs a first-order"),
+        ("algorithm.inner_betas=[0.9]", "algorithm.inner_betas=[0.9]"),
+        ("algorithm.outer_lr_final=1.0", "algorithm.outer_lr_final=1.0 must lie in"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

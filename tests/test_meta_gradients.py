@@ -3,11 +3,12 @@ first-order/second-order decomposition, and between the loop and the vmap paths.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from metadist.algorithms import MetaStep, adapted_scores, meta_gradient
-from metadist.algorithms.inner_loop import task_loss
+from metadist.algorithms.inner_loop import minibatch_order, task_loss
 from metadist.data.episodes import MetaBatch
 from metadist.models import MLP, Conv4
 
@@ -201,3 +202,65 @@ def test_adapted_scores_are_the_same_on_both_paths():
 def test_unknown_algorithm_is_rejected():
     with pytest.raises(ValueError, match="algorithm must be one of"):
         MetaStep("protonet")
+
+
+def test_minibatch_order_passes_over_every_row_in_fresh_orders():
+    order = minibatch_order(6, 4, 5, np.random.default_rng(0))  # 20 rows: 3 passes and 2
+    assert order.shape == (5, 4)
+    rows = order.flatten()
+    passes = [rows[i * 6:(i + 1) * 6] for i in range(3)]
+    for p in passes:
+        assert sorted(p.tolist()) == list(range(6))
+    assert not all(torch.equal(passes[0], p) for p in passes[1:])
+
+
+def test_task_minibatches_do_not_depend_on_how_the_tasks_are_split():
+    step = MetaStep("reptile", 0.1, 5, inner_batch=4)
+    whole = step.minibatches(10, 3, range(8))
+    assert whole.shape == (8, 5, 4)
+    torch.testing.assert_close(step.minibatches(10, 3, range(3, 6)), whole[3:6])
+    assert not torch.equal(whole[0], whole[1])
+    assert step.minibatches(4, 3, range(2)) is None  # a batch of the whole support set
+    assert MetaStep("reptile", 0.1, 5).minibatches(10, 3, range(2)) is None
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_minibatched_inner_loop_matches_torch_optim(optimizer):
+    model, params = small_conv("stride")
+    batch = image_batch(tasks=2, ways=3, shots=4)  # 12 support rows per task
+    lr, steps = 0.01, 4
+    step = MetaStep("reptile", lr, steps, inner_batch=5, inner_optimizer=optimizer)
+    order = step.minibatches(12, 0, range(2))
+    grads, _ = meta_gradient(model, params, batch, step, order=order)
+    expected = {k: torch.zeros_like(v) for k, v in params.items()}
+    for t in range(2):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        opt = (torch.optim.Adam(p.values(), lr=lr, betas=(0.0, 0.999)) if optimizer == "adam"
+               else torch.optim.SGD(p.values(), lr=lr))
+        for s in range(steps):
+            opt.zero_grad()
+            rows = order[t, s]
+            task_loss(model, p, batch.support_x[t][rows], batch.support_y[t][rows]).backward()
+            opt.step()
+        for k in p:
+            expected[k] += params[k].detach() - p[k].detach()
+    for k in params:
+        torch.testing.assert_close(grads[k], expected[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml"])
+def test_vmap_and_loop_agree_with_inner_minibatches_and_adam(algorithm):
+    model, params = small_conv("max")
+    batch = image_batch(tasks=4, ways=3, shots=3)
+    step = MetaStep(algorithm, 0.01, 3, inner_batch=4, inner_optimizer="adam")
+    order = step.minibatches(9, 1, range(4))
+    a, ma = meta_gradient(model, params, batch, step, inner_loop="loop", order=order)
+    b, mb = meta_gradient(model, params, batch, step, inner_loop="vmap", chunk=3, order=order)
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-4, atol=1e-6)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+
+
+def test_inner_adam_needs_a_first_order_algorithm():
+    with pytest.raises(ValueError, match="needs a first-order algorithm"):
+        MetaStep("maml", inner_optimizer="adam")
+    MetaStep("maml", inner_optimizer="adam", first_order=True)

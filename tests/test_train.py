@@ -35,14 +35,21 @@ def test_meta_training_beats_the_initialisation_on_held_out_sinusoids(tmp_path):
         "fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias", "head.weight", "head.bias"}
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+@pytest.mark.parametrize("algorithm", ["maml", "reptile", "reptile-nichol"])
 def test_resume_continues_the_identical_trajectory(tmp_path, algorithm):
-    extra = [f"algorithm.name={algorithm}", "train.checkpoint_every=20", "train.inner_loop=loop"]
-    if algorithm == "reptile":
+    extra = [f"algorithm.name={algorithm.split('-')[0]}", "train.checkpoint_every=20",
+             "train.inner_loop=loop"]
+    if algorithm.startswith("reptile"):
         extra += ["algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5"]
+    if algorithm == "reptile-nichol":  # minibatches, inner Adam, annealed β: all resumable
+        extra += ["data.train_shots=12", "algorithm.inner_batch=4", "algorithm.inner_steps=3",
+                  "algorithm.inner_optimizer=adam", "algorithm.outer_lr_final=0.0"]
     full = train(sinusoid(tmp_path / "a", "train.steps=40", *extra))
-    half = train(sinusoid(tmp_path / "b", "train.steps=20", *extra))
-    resumed = train(sinusoid(tmp_path / "c", "train.steps=40", *extra), resume=half["checkpoint"])
+    if algorithm == "reptile-nichol":  # β's schedule spans train.steps: stop the 40-step run
+        half = Path(full["run_dir"]) / "checkpoints" / "step-0000020.pt"
+    else:  # extend a 20-step run
+        half = train(sinusoid(tmp_path / "b", "train.steps=20", *extra))["checkpoint"]
+    resumed = train(sinusoid(tmp_path / "c", "train.steps=40", *extra), resume=half)
     a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
     for k in a["params"]:
         torch.testing.assert_close(a["params"][k], b["params"][k], rtol=0, atol=0)
@@ -66,6 +73,30 @@ def test_omniglot_run_on_real_data_reports_the_protocol(tmp_path, omniglot_small
     assert saved["mean"] == result["mean"]
     # Evaluating the saved checkpoint reproduces the same episodes and the same number.
     assert main(["eval", result["checkpoint"], "--episodes", "30"]) == 0
+
+
+def test_reptile_with_nichol_et_al_s_options_on_real_data(tmp_path, omniglot_small):
+    from metadist.data.streams import open_streams
+
+    cfg = load_config(ROOT / "configs" / "omniglot_5w1s_reptile.yaml", [
+        f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path}", "train.steps=4",
+        "data.train_shots=6", "data.train_queries=2", "algorithm.inner_batch=10",
+        "algorithm.test_inner_batch=3", "algorithm.inner_optimizer=adam",
+        "algorithm.inner_lr=0.001", "algorithm.outer_lr_final=0", "algorithm.meta_batch_size=2",
+        "train.val_every=0", "eval.episodes=8", "train.progress=false",
+        "tracking.enabled=false", "train.inner_loop=loop",
+    ])
+    streams = open_streams(cfg.data, train_seed=0, eval_seed=1)
+    assert streams.train.episode(0).support_x.shape[0] == 5 * 6  # train_shots
+    assert streams.train.episode(0).query_x.shape[0] == 5 * 2  # train_queries
+    assert streams.test.episode(0).support_x.shape[0] == 5 * 1  # data.shots
+    result = train(cfg)
+    history = json.loads((Path(result["run_dir"]) / "history.json").read_text())
+    # β annealed linearly from 1 to 0 over the 4 steps (the rate after each step).
+    assert [h["outer_lr"] for h in history] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    assert (result["shots"], result["inner_batch"], result["inner_optimizer"]) == (1, 3, "adam")
+    # The meta-test's minibatches follow the episodes: evaluating again gives the same number.
+    assert main(["eval", result["checkpoint"], "--episodes", "8"]) == 0
 
 
 def test_cli_train_records_the_run_in_mlflow(tmp_path, monkeypatch, capsys):

@@ -5,12 +5,18 @@
 the tasks of a meta-batch. Both return adapted parameters that stay differentiable with
 respect to the initial ones, so the outer gradient flows through the adaptation: fully
 (second-order MAML) or through the identity path only (``first_order``).
+
+Each step may use a minibatch of the support set (rows ``order[step]``) and Adam instead of
+SGD, as Reptile does (Nichol et al. 2018). The Adam moments start at zero for every task:
+state carried from task to task would make the tasks of a meta-batch sequential.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,14 +48,51 @@ def adapt(
     keys: Sequence[str] | None = None,
     impl: str = "native",
     functional: bool = False,
+    order: Tensor | None = None,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.0, 0.999),
 ) -> Params:
-    """Return ``params`` after ``steps`` SGD steps of ``lr`` on (x, y); ``keys`` limits
-    which parameters adapt (ANIL adapts the head only)."""
+    """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
+    ``lr`` on (x, y); ``keys`` limits which parameters adapt (ANIL adapts the head only).
+    ``order`` ([steps, batch] row indices, see ``minibatch_order``) gives each step's
+    minibatch; None: every step uses all of (x, y)."""
     keys = list(params) if keys is None else list(keys)
-    for _ in range(steps):
-        grads = _grads(model, params, x, y, keys, first_order, impl, functional)
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    if order is not None and order.shape[0] < steps:
+        raise ValueError(f"order has {order.shape[0]} minibatches for {steps} steps")
+    moments: dict[str, tuple[Tensor, Tensor]] = {}
+    for t in range(steps):
+        xs, ys = (x, y) if order is None else (x[order[t]], y[order[t]])
+        grads = _grads(model, params, xs, ys, keys, first_order, impl, functional)
+        if optimizer == "adam":
+            grads = _adam_directions(grads, moments, t + 1, betas)
         params = {**params, **{k: params[k] - lr * grads[k] for k in keys}}
     return params
+
+
+def _adam_directions(
+    grads: Params, moments: dict[str, tuple[Tensor, Tensor]], t: int,
+    betas: tuple[float, float], eps: float = 1e-8,
+) -> Params:
+    """Adam's bias-corrected m̂ / (√v̂ + ε) for step ``t`` (1-based); updates ``moments``."""
+    b1, b2 = betas
+    out = {}
+    for k, g in grads.items():
+        m, v = moments.get(k, (torch.zeros_like(g), torch.zeros_like(g)))
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        moments[k] = (m, v)
+        out[k] = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    return out
+
+
+def minibatch_order(size: int, batch: int, steps: int, rng: np.random.Generator) -> Tensor:
+    """Row indices [steps, batch] of each inner step's minibatch: passes over the ``size``
+    rows, each in a fresh random order, cut into consecutive minibatches (a minibatch may
+    span two passes), as Nichol et al.'s Reptile samples them."""
+    passes = math.ceil(steps * batch / size)
+    rows = np.concatenate([rng.permutation(size) for _ in range(passes)])
+    return torch.from_numpy(rows[: steps * batch].reshape(steps, batch))
 
 
 def _grads(

@@ -16,13 +16,14 @@ Two interchangeable ways to run the tasks' inner loops:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from metadist.algorithms.inner_loop import Model, Params, adapt, output_loss
+from metadist.algorithms.inner_loop import Model, Params, adapt, minibatch_order, output_loss
 
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile")
 
@@ -35,12 +36,55 @@ class MetaStep:
     inner_lr: float = 0.4
     inner_steps: int = 1
     first_order: bool | None = None  # None: the algorithm's own (fomaml/reptile first order)
+    inner_batch: int = 0  # support rows per inner step; 0 (or >= the support set): all
+    inner_optimizer: str = "sgd"  # sgd | adam (first order only)
+    inner_betas: tuple[float, float] = (0.0, 0.999)  # Adam's; β1 = 0 as in Nichol et al.
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if self.inner_batch < 0:
+            raise ValueError(f"inner_batch must be >= 0, got {self.inner_batch}")
+        if self.inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got "
+                             f"{self.inner_optimizer!r}")
+        if self.inner_optimizer == "adam" and not self.is_first_order:
+            # Differentiating through Adam's √v̂ is undefined where a gradient is 0.
+            raise ValueError("inner_optimizer 'adam' needs a first-order algorithm "
+                             "(fomaml, reptile, or first_order=True)")
+        object.__setattr__(self, "inner_betas", tuple(float(b) for b in self.inner_betas))
+
+    @classmethod
+    def from_config(cls, algorithm, *, test: bool = False) -> MetaStep:
+        """The meta-training step (``test=False``) or the validation/meta-test inner loop of
+        an ``AlgorithmConfig`` (or anything with its fields). Evaluation never builds an
+        outer graph, so it is always first order."""
+        a = algorithm
+        if test:
+            batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
+            return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
+                       a.inner_optimizer, tuple(a.inner_betas))
+        return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
+                   a.inner_optimizer, tuple(a.inner_betas))
+
+    def minibatches(self, support_size: int, seed: int, tasks: Iterable[int]) -> Tensor | None:
+        """Each task's inner minibatches [T, steps, batch] (None: whole support sets).
+        Task ``i``'s depend only on (seed, i), like its episode, so they do not change with
+        how a meta-batch is split over workers or cut into evaluation batches."""
+        if not 0 < self.inner_batch < support_size:
+            return None
+        orders = [minibatch_order(support_size, self.inner_batch, self.inner_steps,
+                                  np.random.default_rng([seed, i])) for i in tasks]
+        if not orders:
+            return torch.zeros(0, self.inner_steps, self.inner_batch, dtype=torch.int64)
+        return torch.stack(orders)
+
+    def adapt_options(self) -> dict:
+        """``adapt``'s keyword arguments for this step's inner loop (less ``order``)."""
+        return {"lr": self.inner_lr, "steps": self.inner_steps,
+                "optimizer": self.inner_optimizer, "betas": self.inner_betas}
 
     @property
     def is_first_order(self) -> bool:
@@ -70,6 +114,7 @@ def _task_outcome(
     impl: str,
     functional: bool,
     first_order: bool,
+    order: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Params]:
     """Adapt on the support set; return (query loss, query accuracy, adapted params)."""
     if step.algorithm == "anil":
@@ -78,15 +123,15 @@ def _task_outcome(
         s_feat = model.features(params, sx, impl)
         q_feat = model.features(params, qx, impl)
         head_params = adapt(
-            head, {k: params[k] for k in head_keys}, s_feat, sy, lr=step.inner_lr,
-            steps=step.inner_steps, first_order=first_order, functional=functional,
+            head, {k: params[k] for k in head_keys}, s_feat, sy, first_order=first_order,
+            functional=functional, order=order, **step.adapt_options(),
         )
         out = model.head(head_params, q_feat)
         adapted = {**params, **head_params}
     else:
         adapted = adapt(
-            model, params, sx, sy, lr=step.inner_lr, steps=step.inner_steps,
-            first_order=first_order, impl=impl, functional=functional,
+            model, params, sx, sy, first_order=first_order, impl=impl,
+            functional=functional, order=order, **step.adapt_options(),
         )
         out = model(adapted, qx, impl)
     loss = output_loss(out, qy)
@@ -105,12 +150,16 @@ def meta_gradient(
     *,
     inner_loop: str = "loop",
     chunk: int = 0,
+    order: Tensor | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """Sum over the batch's tasks of each task's meta-gradient, and summed metrics.
 
     MAML/FOMAML/ANIL: the gradient of the query loss after adaptation. Reptile: θ - φ,
-    so that an SGD outer step of rate β moves θ by β(φ - θ).
+    so that an SGD outer step of rate β moves θ by β(φ - θ). ``order``: each task's inner
+    minibatches (``MetaStep.minibatches``); None with ``step.inner_batch`` set draws them
+    from torch's global generator.
     """
+    order = _orders(step, batch, order)
     names = list(params)
     leaves = [params[k] for k in names]
     total = [torch.zeros_like(p) for p in leaves]
@@ -120,15 +169,16 @@ def meta_gradient(
     for lo, hi in _chunks(batch.support_x.shape[0], 1 if inner_loop == "loop" else chunk):
         sx, sy = batch.support_x[lo:hi], batch.support_y[lo:hi]
         qx, qy = batch.query_x[lo:hi], batch.query_y[lo:hi]
+        o = None if order is None else order[lo:hi]
         if reptile:
             losses, accs, adapted = _run_tasks(
-                model, params, sx, sy, qx, qy, step, inner_loop, outer_graph=False
+                model, params, sx, sy, qx, qy, step, inner_loop, outer_graph=False, order=o
             )
             for i, k in enumerate(names):
                 total[i] += (params[k].detach() - adapted[k]).sum(0)
         else:
             losses, accs, _ = _run_tasks(
-                model, params, sx, sy, qx, qy, step, inner_loop, outer_graph=True
+                model, params, sx, sy, qx, qy, step, inner_loop, outer_graph=True, order=o
             )
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
             for i, g in enumerate(grads):
@@ -148,15 +198,17 @@ def adapted_scores(
     *,
     inner_loop: str = "loop",
     chunk: int = 0,
+    order: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-task query (loss, accuracy) after adapting on each support set; no outer graph."""
     params = {k: v.detach() for k, v in params.items()}
+    order = _orders(step, batch, order)
     losses, accs = [], []
     for lo, hi in _chunks(batch.support_x.shape[0], 1 if inner_loop == "loop" else chunk):
         loss, acc, _ = _run_tasks(
             model, params, batch.support_x[lo:hi], batch.support_y[lo:hi],
             batch.query_x[lo:hi], batch.query_y[lo:hi], step, inner_loop,
-            outer_graph=False,
+            outer_graph=False, order=None if order is None else order[lo:hi],
         )
         losses.append(loss.detach())
         accs.append(acc.detach())
@@ -173,6 +225,7 @@ def _run_tasks(
     step: MetaStep,
     inner_loop: str,
     outer_graph: bool,
+    order: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Params]:
     """Per-task (loss [T], accuracy [T], adapted params [T, ...]) for a slice of tasks."""
     first_order = step.is_first_order or not outer_graph
@@ -184,7 +237,8 @@ def _run_tasks(
         with torch.enable_grad():
             for t in range(sx.shape[0]):
                 loss, acc, adapted = _task_outcome(
-                    model, params, sx[t], sy[t], qx[t], qy[t], step, impl, False, first_order
+                    model, params, sx[t], sy[t], qx[t], qy[t], step, impl, False, first_order,
+                    None if order is None else order[t],
                 )
                 if not outer_graph:
                     loss, acc = loss.detach(), acc.detach()
@@ -197,13 +251,26 @@ def _run_tasks(
     if inner_loop != "vmap":
         raise ValueError(f"inner_loop must be 'loop' or 'vmap', got {inner_loop!r}")
 
-    def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Params]:
-        return _task_outcome(model, params, sx, sy, qx, qy, step, impl, True, first_order)
+    def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
+                 order: Tensor | None) -> tuple[Tensor, Tensor, Params]:
+        return _task_outcome(model, params, sx, sy, qx, qy, step, impl, True, first_order,
+                             order)
 
     grad_mode: Callable = torch.enable_grad if outer_graph else torch.no_grad
+    in_dims = (0, 0, 0, 0, None if order is None else 0)
     with grad_mode():
-        losses, accs, adapted = torch.func.vmap(one_task, randomness="error")(sx, sy, qx, qy)
+        losses, accs, adapted = torch.func.vmap(one_task, in_dims, randomness="error")(
+            sx, sy, qx, qy, order
+        )
     return losses, accs, adapted
+
+
+def _orders(step: MetaStep, batch, order: Tensor | None) -> Tensor | None:
+    if order is not None or not 0 < step.inner_batch < batch.support_x.shape[1]:
+        return order
+    seed = int(torch.randint(2**31, ()).item())
+    order = step.minibatches(batch.support_x.shape[1], seed, range(batch.support_x.shape[0]))
+    return order.to(batch.support_x.device)
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metadist.config import DataConfig
+from metadist.config import DataConfig, train_episode_shape
 from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing, stack_episodes
 from metadist.data.location import Location
 from metadist.data.schema import MANIFEST_NAME, Manifest
@@ -27,10 +27,13 @@ class Streams:
 
 
 def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Streams:
-    """Training episodes follow ``train_seed``; validation and test follow ``eval_seed``."""
+    """Training episodes follow ``train_seed`` (and ``data.train_shots``/``train_queries``
+    where set); validation and test follow ``eval_seed``."""
+    shape = {"train": train_episode_shape(data), "eval": (data.shots, data.queries)}
     if data.dataset == "sinusoid":
         def tasks(seed: int, stream: str) -> SinusoidTasks:
-            return SinusoidTasks(shots=data.shots, queries=data.queries, seed=seed, stream=stream)
+            shots, queries = shape["train" if stream == "train" else "eval"]
+            return SinusoidTasks(shots=shots, queries=queries, seed=seed, stream=stream)
 
         return Streams(
             tasks(train_seed, "train"), tasks(eval_seed, "val"), tasks(eval_seed, "test"),
@@ -44,17 +47,17 @@ def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Stream
         )
     pre = training_preprocessing(data)
 
-    def sampler(split: str, seed: int) -> EpisodeSampler:
+    def sampler(split: str, seed: int, stream: str) -> EpisodeSampler:
         store = ClassStore(root / split, image_size=pre.image_size, channels=pre.channels)
+        shots, queries = shape[stream]
         return EpisodeSampler(
-            store, ways=data.ways, shots=data.shots, queries=data.queries, seed=seed,
-            preprocessing=pre,
+            store, ways=data.ways, shots=shots, queries=queries, seed=seed, preprocessing=pre,
         )
 
     return Streams(
-        sampler(data.train_split, train_seed),
-        sampler(data.val_split, eval_seed + 1),
-        sampler(data.test_split, eval_seed),
+        sampler(data.train_split, train_seed, "train"),
+        sampler(data.val_split, eval_seed + 1, "eval"),
+        sampler(data.test_split, eval_seed, "eval"),
         pre, pre.channels, pre.image_size,
     )
 
