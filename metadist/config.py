@@ -260,7 +260,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     at_least = {  # None: falls back to another key
         "data.train_shots": (config.data.train_shots, 1),
-        "data.train_queries": (config.data.train_queries, 0),
+        "data.train_queries": (config.data.train_queries, 1),  # the training curves' scores
         "algorithm.inner_batch": (config.algorithm.inner_batch, 0),
         "algorithm.test_inner_batch": (config.algorithm.test_inner_batch, 0),
     }

@@ -34,13 +34,22 @@ def result_of(proc: subprocess.Popen, timeout: float = 600) -> dict:
     return json.loads(out[out.index("{"):])
 
 
-def test_two_ray_workers_with_actor_pipeline_match_one_process(tmp_path, omniglot_small):
+@pytest.mark.parametrize("algorithm", ["maml", "reptile-nichol"])
+def test_two_ray_workers_with_actor_pipeline_match_one_process(tmp_path, omniglot_small,
+                                                               algorithm):
     # Outer SGD: see tests/test_distributed.py on Adam and round-off.
     overrides = [f"data.dataset={omniglot_small}", "algorithm.meta_batch_size=5",
                  "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.1",
                  "train.steps=3", "data.queries=3", "eval.episodes=8", "eval.batch_size=4",
                  "train.val_every=0", "train.progress=false", "train.inner_loop=loop",
                  "train.threads=1", f"train.output_dir={tmp_path / 'runs'}"]
+    if algorithm == "reptile-nichol":
+        # The actors must sample train_shots; each task's minibatches must not depend on
+        # which worker runs it.
+        overrides += ["algorithm.name=reptile", "data.train_shots=3", "data.train_queries=2",
+                      "algorithm.inner_batch=4", "algorithm.inner_optimizer=adam",
+                      "algorithm.inner_lr=0.001", "algorithm.outer_lr_final=0.0",
+                      "algorithm.test_inner_batch=2"]
     config = ROOT / "configs" / "omniglot_5w1s_maml.yaml"
     proc = metadist("train", str(config), *overrides, "workers=2", "ray.actors=1",
                     f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
