@@ -239,34 +239,29 @@ def validate(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
-    positive = {
-        "data.ways": config.data.ways,
-        "data.shots": config.data.shots,
-        "algorithm.inner_steps": config.algorithm.inner_steps,
-        "algorithm.test_inner_steps": config.algorithm.test_inner_steps,
-        "algorithm.meta_batch_size": config.algorithm.meta_batch_size,
-        "eval.episodes": config.eval.episodes,
-        "eval.batch_size": config.eval.batch_size,
-        "workers": config.workers,
-        "ray.prefetch": config.ray.prefetch,
-        "tune.num_samples": config.tune.num_samples,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
-    for key, value in {"algorithm.inner_lr": config.algorithm.inner_lr,
-                       "algorithm.outer_lr": config.algorithm.outer_lr}.items():
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be > 0")
-    at_least = {  # None: falls back to another key
+    at_least = {  # a None value falls back to another key
+        "data.ways": (config.data.ways, 1),
+        "data.shots": (config.data.shots, 1),
         "data.train_shots": (config.data.train_shots, 1),
         "data.train_queries": (config.data.train_queries, 1),  # the training curves' scores
+        "algorithm.inner_steps": (config.algorithm.inner_steps, 1),
+        "algorithm.test_inner_steps": (config.algorithm.test_inner_steps, 1),
         "algorithm.inner_batch": (config.algorithm.inner_batch, 0),
         "algorithm.test_inner_batch": (config.algorithm.test_inner_batch, 0),
+        "algorithm.meta_batch_size": (config.algorithm.meta_batch_size, 1),
+        "eval.episodes": (config.eval.episodes, 1),
+        "eval.batch_size": (config.eval.batch_size, 1),
+        "workers": (config.workers, 1),
+        "ray.prefetch": (config.ray.prefetch, 1),
+        "tune.num_samples": (config.tune.num_samples, 1),
     }
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
+    for key, value in {"algorithm.inner_lr": config.algorithm.inner_lr,
+                       "algorithm.outer_lr": config.algorithm.outer_lr}.items():
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be > 0")
     _validate_inner_optimizer(config.algorithm)
     final = config.algorithm.outer_lr_final
     if final is not None and not 0 <= final <= config.algorithm.outer_lr:

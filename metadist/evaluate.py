@@ -58,10 +58,9 @@ def episode_scores(
     for lo in range(start, stop, batch_size):
         hi = min(lo + batch_size, stop)
         batch = MetaBatch(*(t.to(device) for t in episode_batch(source, lo, hi)))
-        order = step.minibatches(batch.support_x.shape[1], order_seed, range(lo, hi))
+        order = step.minibatches(batch.support_x.shape[1], order_seed, range(lo, hi), device)
         loss, acc = adapted_scores(
-            model, params, batch, step, inner_loop=inner_loop, chunk=chunk,
-            order=None if order is None else order.to(device),
+            model, params, batch, step, inner_loop=inner_loop, chunk=chunk, order=order,
         )
         losses.append(loss.cpu().double())
         accs.append(acc.cpu().double())

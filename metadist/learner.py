@@ -142,12 +142,11 @@ def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y
                   seed: int) -> dict[str, Tensor]:
     """The meta-test inner loop on one support set; detached adapted parameters."""
     keys = model.head_keys if step.algorithm == "anil" else None
-    order = step.minibatches(len(x), seed, [0])
+    order = step.minibatches(len(x), seed, [0], x.device)
     params = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
         adapted = adapt(model, params, x, y, first_order=True, keys=keys,
-                        order=None if order is None else order[0].to(x.device),
-                        **step.adapt_options())
+                        order=None if order is None else order[0], **step.adapt_options())
     return {k: v.detach() for k, v in adapted.items()}
 
 

@@ -104,9 +104,8 @@ def train(
             batch = episode_batch(streams.train, first + lo, first + hi)
         # Task i's inner minibatches follow (seed, i), as its episode does.
         order = meta_step.minibatches(batch.support_x.shape[1], cfg.train.seed,
-                                      range(first + lo, first + hi))
-        return (MetaBatch(*(t.to(device) for t in batch)),
-                None if order is None else order.to(device))
+                                      range(first + lo, first + hi), device)
+        return MetaBatch(*(t.to(device) for t in batch)), order
 
     inner_loop = cfg.train.inner_loop
     if inner_loop == "auto":
@@ -116,9 +115,8 @@ def train(
             probe = episode_batch(streams.train, 0, max(hi - lo, 1))
             probe = MetaBatch(*(t.to(device) for t in probe))
             order = meta_step.minibatches(probe.support_x.shape[1], cfg.train.seed,
-                                          range(probe.support_x.shape[0]))
-            picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk,
-                                     None if order is None else order.to(device))
+                                          range(probe.support_x.shape[0]), device)
+            picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk, order)
             choice[0] = float(picked == "vmap")
         inner_loop = "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 

@@ -69,17 +69,20 @@ class MetaStep:
         return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
                    a.inner_optimizer, tuple(a.inner_betas))
 
-    def minibatches(self, support_size: int, seed: int, tasks: Iterable[int]) -> Tensor | None:
-        """Each task's inner minibatches [T, steps, batch] (None: whole support sets).
-        Task ``i``'s depend only on (seed, i), like its episode, so they do not change with
-        how a meta-batch is split over workers or cut into evaluation batches."""
+    def minibatches(self, support_size: int, seed: int, tasks: Iterable[int],
+                    device: torch.device | str | None = None) -> Tensor | None:
+        """Each task's inner minibatches [T, steps, batch] on ``device`` (None: whole
+        support sets). Task ``i``'s depend only on (seed, i), like its episode, so they do
+        not change with how a meta-batch is split over workers or cut into evaluation
+        batches."""
         if not 0 < self.inner_batch < support_size:
             return None
         orders = [minibatch_order(support_size, self.inner_batch, self.inner_steps,
                                   np.random.default_rng([seed, i])) for i in tasks]
         if not orders:
-            return torch.zeros(0, self.inner_steps, self.inner_batch, dtype=torch.int64)
-        return torch.stack(orders)
+            return torch.zeros(0, self.inner_steps, self.inner_batch, dtype=torch.int64,
+                               device=device)
+        return torch.stack(orders).to(device)
 
     def adapt_options(self) -> dict:
         """``adapt``'s keyword arguments for this step's inner loop (less ``order``)."""
@@ -269,8 +272,8 @@ def _orders(step: MetaStep, batch, order: Tensor | None) -> Tensor | None:
     if order is not None or not 0 < step.inner_batch < batch.support_x.shape[1]:
         return order
     seed = int(torch.randint(2**31, ()).item())
-    order = step.minibatches(batch.support_x.shape[1], seed, range(batch.support_x.shape[0]))
-    return order.to(batch.support_x.device)
+    return step.minibatches(batch.support_x.shape[1], seed, range(batch.support_x.shape[0]),
+                            batch.support_x.device)
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
