@@ -57,6 +57,25 @@ def test_resume_continues_the_identical_trajectory(tmp_path, algorithm):
     assert resumed["mean"] == full["mean"]
 
 
+def test_extending_an_annealed_run_re_anneals_beta_over_the_new_length(tmp_path):
+    extra = ["algorithm.name=reptile", "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=1.0",
+             "algorithm.outer_lr_final=0.0", "train.inner_loop=loop", "train.checkpoint_every=1"]
+    four = train(sinusoid(tmp_path / "a", "train.steps=4", *extra))["checkpoint"]
+    theta = load_checkpoint(four)["params"]
+    deltas = {}
+    for steps in (8, 12):
+        run = train(sinusoid(tmp_path / f"to{steps}", f"train.steps={steps}", *extra), resume=four)
+        fifth = load_checkpoint(Path(run["run_dir"]) / "checkpoints" / "step-0000005.pt")
+        deltas[steps] = torch.cat([(fifth["params"][k] - theta[k]).flatten() for k in theta])
+        history = json.loads((Path(run["run_dir"]) / "history.json").read_text())
+        expected = [1 - s / 4 for s in (1, 2, 3, 4)] + [1 - s / steps for s in range(5, steps + 1)]
+        assert [h["outer_lr"] for h in history] == pytest.approx(expected)
+    # Step 5 applies β = 1 - 4/steps, whatever rate the 4-step run ended on (0): the same
+    # Reptile direction, scaled by 0.5 when extended to 8 steps and by 2/3 to 12.
+    assert deltas[8].abs().max() > 0
+    torch.testing.assert_close(deltas[12], deltas[8] * (2 / 3) / 0.5, rtol=1e-4, atol=1e-6)
+
+
 def test_omniglot_run_on_real_data_reports_the_protocol(tmp_path, omniglot_small):
     cfg = load_config(ROOT / "configs" / "omniglot_5w1s_maml.yaml", [
         f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path}", "train.steps=3",

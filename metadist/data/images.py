@@ -66,7 +66,9 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     """Decode to a uint8 array [H, W, channels] (1 -> "L", 3 -> "RGB")."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("L" if channels == 1 else "RGB")
-        array = np.asarray(im, dtype=np.uint8)
+        # np.array, not np.asarray: PIL's buffer is read-only, and a tensor made from a
+        # read-only array is undefined behaviour the moment anything writes to it.
+        array = np.array(im, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 
