@@ -48,13 +48,23 @@ def all_reduce_sum(tensors: list[Tensor], bucket_bytes: int = BUCKET_BYTES) -> l
             size = 0
         buckets[-1].append(t)
         size += nbytes
+    device = collective_device()
     out: list[Tensor] = []
     for bucket in buckets:
-        flat = torch.cat([t.reshape(-1) for t in bucket])
+        flat = torch.cat([t.reshape(-1).to(device) for t in bucket])
         dist.all_reduce(flat)
         parts = flat.split([t.numel() for t in bucket])
-        out.extend(p.view_as(t) for p, t in zip(parts, bucket))
+        out.extend(p.view_as(t).to(t.device) for p, t in zip(parts, bucket))
     return out
+
+
+def collective_device() -> torch.device:
+    """Where this process group's collectives run: NCCL reduces CUDA tensors only (so a
+    step's loss sums and the evaluation scores, kept on the CPU, travel through the rank's
+    GPU), gloo is given CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_from_rank0(tensors: list[Tensor]) -> None:

@@ -141,7 +141,7 @@ def _task_outcome(
     if qy.dtype == torch.int64:
         acc = (out.argmax(-1) == qy).float().mean()
     else:
-        acc = torch.zeros((), dtype=out.dtype)
+        acc = torch.zeros((), dtype=out.dtype, device=out.device)
     return loss, acc, adapted
 
 
@@ -166,8 +166,9 @@ def meta_gradient(
     names = list(params)
     leaves = [params[k] for k in names]
     total = [torch.zeros_like(p) for p in leaves]
-    loss_sum = torch.zeros(())
-    acc_sum = torch.zeros(())
+    # On the batch's device: an in-place add of a CUDA tensor to a CPU one fails.
+    loss_sum = torch.zeros((), device=batch.support_x.device)
+    acc_sum = torch.zeros((), device=batch.support_x.device)
     reptile = step.algorithm == "reptile"
     for lo, hi in _chunks(batch.support_x.shape[0], 1 if inner_loop == "loop" else chunk):
         sx, sy = batch.support_x[lo:hi], batch.support_y[lo:hi]
