@@ -68,7 +68,7 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    steps, every = 1500, 100
+    steps, every = 600, 100  # the kill lands near step 200, well before the end
     overrides = [f"train.steps={steps}", f"train.checkpoint_every={every}", "train.val_every=0",
                  "train.log_every=50", "eval.episodes=50", "train.progress=false",
                  "train.inner_loop=loop", "algorithm.outer_optimizer=sgd",
