@@ -1,6 +1,7 @@
 #!/bin/bash
 # The whole device check, run on a lent GPU machine from the repository root (prepare it
 # here with benchmarks/gpu_prepare.sh; its header gives the device call). In one lease:
+# (The two timeouts keep the call under the device tool's 600 s per command.)
 # 1. the trainer on CUDA end to end on real Omniglot (single process, no Ray or MLflow):
 #    300 meta-steps of 5-way 1-shot MAML, validation, checkpoints and the 600-episode
 #    meta-test;
@@ -16,7 +17,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-timeout 240 python3 -m metadist.worker configs/omniglot_5w1s_maml.yaml \
+timeout 200 python3 -m metadist.worker configs/omniglot_5w1s_maml.yaml \
   train.device=cuda tracking.enabled=false train.progress=false train.steps=300 \
   train.val_every=100 train.checkpoint_every=100 train.output_dir=/tmp/runs \
   2>&1 | tee "$OUT/train.log"
