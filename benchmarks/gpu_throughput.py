@@ -115,40 +115,24 @@ def _nvml_works(device: torch.device) -> bool:
         return False
 
 
-def setting_spec(setting: Setting) -> dict:
-    from metadist.config import load_config
+def random_batch(setting: Setting, cfg, meta_batch: int, device: torch.device):
+    from inner_loop_throughput import random_meta_batch
 
-    cfg = load_config(ROOT / setting.config)
-    return {"ways": cfg.data.ways, "shots": cfg.data.shots, "queries": cfg.data.queries,
-            "hidden": cfg.model.hidden, "pool": cfg.model.pool, "readout": cfg.model.readout,
-            "inner_lr": cfg.algorithm.inner_lr, "inner_steps": cfg.algorithm.inner_steps,
-            "meta_batch": cfg.algorithm.meta_batch_size}
+    batch = random_meta_batch(cfg.data, setting.image_shape, meta_batch, seed=meta_batch)
+    return type(batch)(*(t.to(device) for t in batch))
 
 
-def random_batch(setting: Setting, spec: dict, meta_batch: int, device: torch.device):
-    from metadist.data.episodes import MetaBatch
-
-    g = torch.Generator().manual_seed(meta_batch)
-    ways, shots, queries = spec["ways"], spec["shots"], spec["queries"]
-    return MetaBatch(*(t.to(device) for t in (
-        torch.randn(meta_batch, ways * shots, *setting.image_shape, generator=g),
-        torch.arange(ways).repeat(shots).expand(meta_batch, -1).clone(),
-        torch.randn(meta_batch, ways * queries, *setting.image_shape, generator=g),
-        torch.arange(ways).repeat(queries).expand(meta_batch, -1).clone(),
-    )))
-
-
-def build(setting: Setting, spec: dict, algorithm: str, device: torch.device):
+def build(setting: Setting, cfg, algorithm: str, device: torch.device):
     from metadist.algorithms import MetaStep
-    from metadist.models import Conv4
+    from metadist.models import build_model
 
-    channels, size = setting.image_shape[0], setting.image_shape[-1]
-    model = Conv4(ways=spec["ways"], in_channels=channels, hidden=spec["hidden"],
-                  image_size=size, pool=spec["pool"], readout=spec["readout"])
+    model = build_model(cfg.model, ways=cfg.data.ways, in_channels=setting.image_shape[0],
+                        image_size=setting.image_shape[-1])
     init = model.init_params(torch.Generator().manual_seed(0))
     params = {k: v.to(device).requires_grad_() for k, v in init.items()}
-    step = MetaStep(algorithm, inner_lr=spec["inner_lr"], inner_steps=spec["inner_steps"])
-    return model, params, step
+    # The config's inner loop for every algorithm, so the rows compare the same work.
+    alg = cfg.algorithm
+    return model, params, MetaStep(algorithm, inner_lr=alg.inner_lr, inner_steps=alg.inner_steps)
 
 
 def meta_gradient_of(model, params, batch, step, path: str, precision: str,
@@ -170,22 +154,22 @@ def relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Te
     return (diff.norm() / ref.norm()).item()
 
 
-def count_flops_per_task(setting, spec, algorithm, device) -> float:
+def count_flops_per_task(setting, cfg, algorithm, device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, params, step = build(setting, spec, algorithm, device)
-    tasks = min(spec["meta_batch"], 4)
-    batch = random_batch(setting, spec, tasks, device)
+    model, params, step = build(setting, cfg, algorithm, device)
+    tasks = min(cfg.algorithm.meta_batch_size, 4)
+    batch = random_batch(setting, cfg, tasks, device)
     counter = FlopCounterMode(display=False)
     with counter:
         meta_gradient_of(model, params, batch, step, "loop", "fp32", device)
     return counter.get_total_flops() / tasks
 
 
-def run_row(setting, spec, algorithm, meta_batch, path, precision, steps, device,
+def run_row(setting, cfg, algorithm, meta_batch, path, precision, steps, device,
             reference) -> dict:
-    model, params, step = build(setting, spec, algorithm, device)
-    batch = random_batch(setting, spec, meta_batch, device)
+    model, params, step = build(setting, cfg, algorithm, device)
+    batch = random_batch(setting, cfg, meta_batch, device)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
 
     def apply(grads) -> None:
@@ -234,6 +218,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"
                                              / "gpu_throughput.md"))
     args = parser.parse_args()
+    from metadist.config import load_config
+
     device = torch.device(args.device)
     started = time.perf_counter()
     ceilings = {"fp32": matmul_ceiling(device, torch.float32),
@@ -241,16 +227,17 @@ def main() -> None:
     sections = []
     for name in args.settings.split(","):
         setting = SETTINGS[name]
-        spec = setting_spec(setting)
+        cfg = load_config(ROOT / setting.config)
         rows = []
         for algorithm in args.algorithms.split(","):
-            per_task = count_flops_per_task(setting, spec, algorithm, device)
+            per_task = count_flops_per_task(setting, cfg, algorithm, device)
+            base = cfg.algorithm.meta_batch_size
             sizes = ([int(m) for m in args.meta_batches.split(",")] if args.meta_batches else
-                     [spec["meta_batch"] * int(f) for f in args.batch_factors.split(",")])
+                     [base * int(f) for f in args.batch_factors.split(",")])
             for meta_batch in sizes:
-                model, params, step = build(setting, spec, algorithm, device)
+                model, params, step = build(setting, cfg, algorithm, device)
                 reference = {k: g.float() for k, g in meta_gradient_of(
-                    model, params, random_batch(setting, spec, meta_batch, device), step,
+                    model, params, random_batch(setting, cfg, meta_batch, device), step,
                     "loop", "fp32", device).items()}
                 for path in args.paths.split(","):
                     for precision in args.precisions.split(","):
@@ -260,14 +247,14 @@ def main() -> None:
                             row["error"] = f"skipped: past --max-seconds {args.max_seconds:.0f}"
                         else:
                             try:
-                                row.update(run_row(setting, spec, algorithm, meta_batch, path,
+                                row.update(run_row(setting, cfg, algorithm, meta_batch, path,
                                                    precision, args.steps, device, reference))
                             except Exception as exc:  # OOM, an op autocast cannot take...
                                 row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                         rows.append(row)
                         print(name, render_row(row, ceilings, {}), flush=True)
                 del reference
-        sections.append((setting, spec, rows))
+        sections.append((setting, cfg, rows))
     text = render(sections, ceilings, device, args, time.perf_counter() - started)
     print(text)
     Path(args.out).write_text(text)
@@ -318,7 +305,7 @@ def render(sections, ceilings, device, args, seconds) -> str:
         "‖g − g_ref‖/‖g_ref‖ of the meta-gradient on the same batch and initial parameters, "
         "g_ref from the fp32 loop.",
     ]
-    for setting, spec, rows in sections:
+    for setting, cfg, rows in sections:
         loop_rates = {(r["algorithm"], r["meta_batch"]): r["tasks_per_s"] for r in rows
                       if r["path"] == "loop" and r["precision"] == "fp32" and "error" not in r}
         size = setting.image_shape[-1]
@@ -326,10 +313,11 @@ def render(sections, ceilings, device, args, seconds) -> str:
             "",
             f"## {setting.title}",
             "",
-            f"{setting.config}: Conv4-{spec['hidden']} ({spec['pool']}) on "
-            f"{size}x{size}x{setting.image_shape[0]}, {spec['readout']} readout, "
-            f"{spec['ways']}-way {spec['shots']}-shot, {spec['queries']} queries/class, "
-            f"{spec['inner_steps']} inner step(s) of α={spec['inner_lr']} for every algorithm.",
+            f"{setting.config}: Conv4-{cfg.model.hidden} ({cfg.model.pool}) on "
+            f"{size}x{size}x{setting.image_shape[0]}, {cfg.model.readout} readout, "
+            f"{cfg.data.ways}-way {cfg.data.shots}-shot, {cfg.data.queries} queries/class, "
+            f"{cfg.algorithm.inner_steps} inner step(s) of α={cfg.algorithm.inner_lr} for "
+            "every algorithm.",
             "",
             "| algorithm | meta-batch | path | precision | ms/step | tasks/s | vs loop "
             "| TFLOP/s | % of ceiling | peak MB | GPU | grad error |",

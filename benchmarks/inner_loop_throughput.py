@@ -94,16 +94,7 @@ def prepare(setting: Setting, random_data: bool, out_dir: Path) -> dict:
         batch = open_streams(data, train_seed=0, eval_seed=1).train.meta_batch(0, meta_batch)
         source = f"real episodes from {data.dataset}"
     else:
-        from metadist.data.episodes import MetaBatch
-
-        g = torch.Generator().manual_seed(0)
-        ways, shots, queries = data.ways, data.shots, data.queries
-        batch = MetaBatch(
-            torch.randn(meta_batch, ways * shots, *setting.image_shape, generator=g),
-            torch.arange(ways).repeat(shots).expand(meta_batch, -1).clone(),
-            torch.randn(meta_batch, ways * queries, *setting.image_shape, generator=g),
-            torch.arange(ways).repeat(queries).expand(meta_batch, -1).clone(),
-        )
+        batch = random_meta_batch(data, setting.image_shape, meta_batch, seed=0)
         source = "random tensors (throughput does not depend on pixel values)"
     path = out_dir / f"{Path(setting.config).stem}.pt"
     torch.save(dict(zip(BATCH_KEYS, batch)), path)
@@ -112,6 +103,20 @@ def prepare(setting: Setting, random_data: bool, out_dir: Path) -> dict:
             "in_channels": channels, "image_size": size, "hidden": model.hidden,
             "readout": model.readout, "meta_batch": meta_batch, "inner_lr": alg.inner_lr,
             "inner_steps": alg.inner_steps, "batch_file": str(path), "source": source}
+
+
+def random_meta_batch(data, image_shape: tuple[int, int, int], meta_batch: int, seed: int):
+    """Random images of an episode's shape (``data``: a DataConfig) with its labels."""
+    from metadist.data.episodes import MetaBatch
+
+    g = torch.Generator().manual_seed(seed)
+    ways, shots, queries = data.ways, data.shots, data.queries
+    return MetaBatch(
+        torch.randn(meta_batch, ways * shots, *image_shape, generator=g),
+        torch.arange(ways).repeat(shots).expand(meta_batch, -1).clone(),
+        torch.randn(meta_batch, ways * queries, *image_shape, generator=g),
+        torch.arange(ways).repeat(queries).expand(meta_batch, -1).clone(),
+    )
 
 
 def run_one(row: dict) -> dict:
