@@ -89,6 +89,22 @@ def test_vmap_and_loop_give_the_same_meta_gradient(algorithm, pool):
         assert metrics["accuracy"] == pytest.approx(ref_metrics["accuracy"])
 
 
+def test_vmap_equals_the_loop_in_float64_through_five_second_order_steps():
+    # miniImageNet MAML's shape (max-pool, flatten readout, 5 inner steps, α=0.01), scaled
+    # down. In float32 the two paths differ by ~6e-4 there (benchmarks/results/
+    # gpu_throughput_cpu_smoke.md), as does the float32 loop from the float64 one; in
+    # float64 any difference left would be an error of the vmap path, not round-off.
+    model = Conv4(ways=5, hidden=4, image_size=42, pool="max", readout="flatten")
+    params = {k: v.double().requires_grad_()
+              for k, v in model.init_params(torch.Generator().manual_seed(1)).items()}
+    batch = image_batch(tasks=2, ways=5, shots=1, queries=3, size=42, dtype=torch.float64)
+    step = MetaStep("maml", inner_lr=0.01, inner_steps=5)
+    ref, _ = meta_gradient(model, params, batch, step, inner_loop="loop")
+    got, _ = meta_gradient(model, params, batch, step, inner_loop="vmap")
+    assert flat(ref).norm() > 0
+    torch.testing.assert_close(flat(got), flat(ref), rtol=1e-11, atol=1e-13)
+
+
 def test_vmap_and_loop_agree_on_sinusoid_mlp():
     from metadist.data.sinusoid import SinusoidTasks
 
