@@ -1,11 +1,11 @@
 #!/bin/bash
 # The whole device check, run on a lent GPU machine from the repository root (prepare it
 # here with benchmarks/gpu_prepare.sh; its header gives the device call). In one lease:
-# (The two timeouts keep the call under the device tool's 600 s per command.)
 # 1. the trainer on CUDA end to end on real Omniglot (single process, no Ray or MLflow):
 #    300 meta-steps of 5-way 1-shot MAML, validation, checkpoints and the 600-episode
 #    meta-test;
 # 2. benchmarks/gpu_throughput.py: loop vs vmap, meta-batch, bf16, utilisation.
+# The two timeouts keep the call under the device tool's 600 s per command.
 # Everything lands in $OUT (the device tool brings it back); copy gpu_throughput.md to
 # benchmarks/results/ and the run's result into the README by hand.
 set -uo pipefail
