@@ -254,6 +254,7 @@ def validate(config: Config) -> None:
         "workers": (config.workers, 1),
         "ray.prefetch": (config.ray.prefetch, 1),
         "tune.num_samples": (config.tune.num_samples, 1),
+        "tune.max_concurrent": (config.tune.max_concurrent, 0),
     }
     for key, (value, low) in at_least.items():
         if value is not None and value < low:

@@ -237,7 +237,10 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
 
         search = OptunaSearch(sampler=TPESampler(seed=config.tune.seed))
     else:
-        search = BasicVariantGenerator(random_state=config.tune.seed)
+        # Ray only wraps a Searcher in the max_concurrent_trials limit; handed a variant
+        # generator it warns and runs every trial at once, so the generator gets the limit.
+        search = BasicVariantGenerator(random_state=config.tune.seed,
+                                       max_concurrent=config.tune.max_concurrent)
     callbacks = [MarkStopped(state.get("tracking_uri"), state.get("parent_run_id"),
                              config.train.steps)] if tracker is not None else []
     if resume:
@@ -250,7 +253,8 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, search_alg=search, scheduler=scheduler,
                 num_samples=config.tune.num_samples,
-                max_concurrent_trials=config.tune.max_concurrent or None,
+                max_concurrent_trials=(config.tune.max_concurrent or None
+                                       if config.tune.search == "tpe" else None),
             ),
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=callbacks,

@@ -94,6 +94,8 @@ def test_bad_tune_settings_are_config_errors():
         sweep_config("tune.search=grid")
     with pytest.raises(ConfigError, match="tune.reduction_factor"):
         sweep_config("tune.reduction_factor=1")
+    with pytest.raises(ConfigError, match=r"tune.max_concurrent=-1 must be >= 0"):
+        sweep_config("tune.max_concurrent=-1")
 
 
 def test_trial_config_applies_sampled_values_and_checks_them():
@@ -299,4 +301,7 @@ def test_trials_with_workers_run_on_their_own_ray_train_workers(tmp_path):
     children = child_runs(uri, parent_id)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.metrics["val_mse"] > 0 for c in children)  # reported from rank 0
+    # tune.max_concurrent=1 with random search: one trial after the other.
+    first, second = sorted(children, key=lambda c: c.info.start_time)
+    assert first.info.end_time <= second.info.start_time
     assert json.loads((sweep_dir / "best_result.json").read_text())["test"]["episodes"] == 20
