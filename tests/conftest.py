@@ -4,6 +4,7 @@ copies of them made once per test session."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -106,3 +107,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_workers(nproc: int, args: list[str], run_dir: Path) -> dict:
+    """``metadist.worker`` on ``nproc`` torchrun ranks (real gloo groups, no Ray): its
+    result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--standalone", "-m", "metadist.worker", *args, "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((run_dir / "result.json").read_text())

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_workers
 
 from metadist.checkpoint import load_checkpoint
 from metadist.config import load_config
@@ -21,15 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_all_reduce_is_a_no_op_in_one_process():
     t = [torch.ones(3), torch.zeros(2, 2)]
     assert all_reduce_sum(t) is t
-
-
-def run_workers(nproc: int, overrides: list[str], run_dir: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--standalone", "-m", "metadist.worker",
-           *overrides, "--run-dir", str(run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
 
 
 # Plain SGD outer steps: Adam's first steps are ~lr·sign(g), which turns float32 round-off
@@ -58,7 +47,7 @@ def test_two_workers_end_with_the_parameters_of_one(algorithm, tmp_path, omniglo
         "train.inner_loop=loop", "train.threads=1",
     ]
     single = train(load_config(ROOT / config, overrides), run_dir=tmp_path / "one")
-    run_workers(2, [config, *overrides], tmp_path / "two")
+    result_two = run_workers(2, [config, *overrides], tmp_path / "two")
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "final.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "final.pt")
     assert one["step"] == two["step"]
@@ -68,9 +57,6 @@ def test_two_workers_end_with_the_parameters_of_one(algorithm, tmp_path, omniglo
     losses_one = [h["train_loss"] for h in one["history"]]
     losses_two = [h["train_loss"] for h in two["history"]]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
-    import json
-
-    result_two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert result_two["workers"] == 2
     assert result_two["mean"] == pytest.approx(single["mean"], rel=1e-4, abs=1e-6)
 
