@@ -168,7 +168,8 @@ def render(tables: dict[str, list[Row]], results: Path = RESULTS, spec_path: Pat
         "MAML numbers and Nichol et al.'s transductive Reptile rows). *Budget* says how long",
         "the run was: `cpu` is the documented budget that fits the 2-core development",
         "machine, far shorter than the papers' runs (`full`, the command given), so a gap to",
-        "the paper there measures the budget, not the implementation.",
+        "the paper there measures the budget, not the implementation. *Train time* is the",
+        "meta-training with its periodic validation; the 600-episode meta-test comes on top.",
         "",
     ]
     for table, rows in tables.items():
