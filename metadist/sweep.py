@@ -231,16 +231,19 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
         )
     else:
         scheduler = FIFOScheduler()
+    # Each search carries the trial limit itself: TuneConfig's max_concurrent_trials wraps
+    # only a Searcher, and handed a variant generator Ray warns and runs every trial at once.
+    limit = config.tune.max_concurrent  # 0: as many as the resources allow
     if config.tune.search == "tpe":
         from optuna.samplers import TPESampler
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
         search = OptunaSearch(sampler=TPESampler(seed=config.tune.seed))
+        if limit:
+            search = ConcurrencyLimiter(search, max_concurrent=limit)
     else:
-        # Ray only wraps a Searcher in the max_concurrent_trials limit; handed a variant
-        # generator it warns and runs every trial at once, so the generator gets the limit.
-        search = BasicVariantGenerator(random_state=config.tune.seed,
-                                       max_concurrent=config.tune.max_concurrent)
+        search = BasicVariantGenerator(random_state=config.tune.seed, max_concurrent=limit)
     callbacks = [MarkStopped(state.get("tracking_uri"), state.get("parent_run_id"),
                              config.train.steps)] if tracker is not None else []
     if resume:
@@ -253,8 +256,6 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, search_alg=search, scheduler=scheduler,
                 num_samples=config.tune.num_samples,
-                max_concurrent_trials=(config.tune.max_concurrent or None
-                                       if config.tune.search == "tpe" else None),
             ),
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=callbacks,
