@@ -54,6 +54,9 @@ class AlgorithmConfig:
     test_inner_batch: int | None = None  # at validation and meta-test; None: inner_batch
     inner_optimizer: str = "sgd"  # sgd | adam (first-order algorithms only)
     inner_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # inner Adam's
+    # The inner Adam's moments: "task" starts them at zero in every task; "carried" runs
+    # them on from meta-batch to meta-batch and into evaluation (Nichol et al.'s Reptile).
+    inner_state: str = "task"
 
 
 @dataclass
@@ -230,6 +233,7 @@ def validate(config: Config) -> None:
         "algorithm.name": (config.algorithm.name, ("maml", "fomaml", "anil", "reptile")),
         "algorithm.outer_optimizer": (config.algorithm.outer_optimizer, ("adam", "sgd")),
         "algorithm.inner_optimizer": (config.algorithm.inner_optimizer, ("sgd", "adam")),
+        "algorithm.inner_state": (config.algorithm.inner_state, ("task", "carried")),
         "train.inner_loop": (config.train.inner_loop, ("auto", "loop", "vmap")),
         "model.pool": (config.model.pool, ("max", "stride")),
         "model.readout": (config.model.readout, ("mean", "flatten")),
@@ -285,6 +289,12 @@ def _validate_inner_optimizer(algorithm: AlgorithmConfig) -> None:
             f"algorithm.inner_optimizer='adam' needs a first-order algorithm; "
             f"algorithm.name={algorithm.name!r} differentiates through the inner loop "
             "(use fomaml or reptile, or algorithm.first_order=true)"
+        )
+    if algorithm.inner_state == "carried" and algorithm.inner_optimizer != "adam":
+        raise ConfigError(
+            f"algorithm.inner_state='carried' carries the inner Adam's moments; "
+            f"algorithm.inner_optimizer={algorithm.inner_optimizer!r} has none "
+            "(set algorithm.inner_optimizer=adam)"
         )
 
 

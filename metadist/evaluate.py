@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from metadist.algorithms import MetaStep, adapted_scores
+from metadist.algorithms import CarriedMoments, MetaStep, adapted_scores
 from metadist.data.episodes import MetaBatch
 from metadist.data.streams import episode_batch
 
@@ -28,11 +28,13 @@ def meta_test(
     device: torch.device | str = "cpu",
     protocol: dict[str, Any] | None = None,
     order_seed: int = 0,
+    carried: CarriedMoments | None = None,
 ) -> dict[str, Any]:
     """Episodes 0..episodes-1 of ``episodes_source`` (a sampler seeded for evaluation)."""
     loss, acc, classification = episode_scores(
         model, params, episodes_source, step, start=0, stop=episodes, batch_size=batch_size,
         inner_loop=inner_loop, chunk=chunk, device=device, order_seed=order_seed,
+        carried=carried,
     )
     return summarize(loss, acc, classification, step, protocol)
 
@@ -50,9 +52,11 @@ def episode_scores(
     chunk: int = 0,
     device: torch.device | str = "cpu",
     order_seed: int = 0,
+    carried: CarriedMoments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per-episode query (loss, accuracy) of episodes start..stop-1, float64 on the CPU.
-    With inner minibatches, episode i's follow (``order_seed``, i)."""
+    With inner minibatches, episode i's follow (``order_seed``, i). ``carried``: the inner
+    Adam's state that every episode starts from (``algorithm.inner_state=carried``)."""
     losses, accs = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
     classification = not source.episode(0).query_y.is_floating_point()
     for lo in range(start, stop, batch_size):
@@ -61,6 +65,7 @@ def episode_scores(
         order = step.minibatches(batch.support_x.shape[1], order_seed, range(lo, hi), device)
         loss, acc = adapted_scores(
             model, params, batch, step, inner_loop=inner_loop, chunk=chunk, order=order,
+            carried=carried,
         )
         losses.append(loss.cpu().double())
         accs.append(acc.cpu().double())
@@ -94,6 +99,14 @@ def confidence_95(values: torch.Tensor) -> float:
     """Half-width of the normal-approximation 95% CI of the mean."""
     n = values.numel()
     return 1.96 * values.std(unbiased=False).item() / math.sqrt(n) if n else float("nan")
+
+
+def carried_moments(state: dict[str, Any], step: MetaStep, device: torch.device | str
+                    ) -> CarriedMoments | None:
+    """A checkpoint's inner Adam state when its run carried one, else None."""
+    if step.inner_state != "carried":
+        return None
+    return CarriedMoments.from_state(state.get("inner_moments"), device)
 
 
 def evaluate_checkpoint(
@@ -130,7 +143,7 @@ def evaluate_checkpoint(
     result = meta_test(
         model, params, streams.test, step, episodes=episodes, batch_size=cfg.eval.batch_size,
         device=dev, protocol=protocol(cfg, cfg.data.test_split, episodes),
-        order_seed=cfg.eval.seed,
+        order_seed=cfg.eval.seed, carried=carried_moments(state, step, dev),
     )
     result.update(checkpoint=str(checkpoint), trained_steps=state["step"])
     return result

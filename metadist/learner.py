@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 
 from metadist.algorithms import MetaStep, adapt
+from metadist.algorithms.inner_loop import Moments
 from metadist.checkpoint import load_checkpoint
 from metadist.config import config_from_dict
 from metadist.data.episodes import Preprocessing
 from metadist.data.images import load_image
+from metadist.evaluate import carried_moments
 from metadist.models import check_params, model_from_spec
 
 
@@ -33,9 +35,10 @@ class Learner:
     """A meta-learned initialisation plus the inner loop that adapts it to a task."""
 
     def __init__(self, model, params: dict[str, Tensor], preprocessing: Preprocessing | None,
-                 step: MetaStep, device: torch.device) -> None:
+                 step: MetaStep, device: torch.device, moments: Moments | None = None) -> None:
         self.model, self.params, self.preprocessing = model, params, preprocessing
         self.step, self.device = step, device
+        self.moments = moments  # the inner Adam's state to start from, if the run carried one
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Learner:
@@ -47,7 +50,9 @@ class Learner:
         model = model_from_spec(state["model"])
         check_params(model, state["params"], str(checkpoint))
         params = {k: v.to(device) for k, v in state["params"].items()}
-        return cls(model, params, preprocessing, step, torch.device(device))
+        carried = carried_moments(state, step, device)
+        return cls(model, params, preprocessing, step, torch.device(device),
+                   None if carried is None else carried.start)
 
     def as_module(self) -> FewShotModule:
         """The learner as an ``nn.Module`` (what MLflow's PyTorch flavour stores)."""
@@ -94,8 +99,8 @@ class Learner:
             y = torch.tensor([index[label] for label in labels], device=self.device)
         step = replace(self.step, inner_lr=lr or self.step.inner_lr,
                        inner_steps=steps or self.step.inner_steps)
-        return AdaptedLearner(self, adapt_to_task(self.model, self.params, step, x, y, seed),
-                              classes)
+        adapted = adapt_to_task(self.model, self.params, step, x, y, seed, self.moments)
+        return AdaptedLearner(self, adapted, classes)
 
 
 class AdaptedLearner:
@@ -131,22 +136,35 @@ class FewShotModule(torch.nn.Module):
             {k.replace(".", "/"): torch.nn.Parameter(v.detach().clone())
              for k, v in learner.params.items()}
         )
+        # The carried inner Adam state (if any) as buffers, so that it is saved with the
+        # module: the meta-test inner loop starts from it.
+        step, moments = learner.moments if learner.moments is not None else (None, {})
+        self.moments_step, self.moment_keys = step, list(moments)
+        for i, (m, v) in enumerate(moments.values()):
+            self.register_buffer(f"adam_m_{i}", m.detach().clone())
+            self.register_buffer(f"adam_v_{i}", v.detach().clone())
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         params = {k.replace("/", "."): v for k, v in self.params.items()}
-        adapted = adapt_to_task(self.model, params, self.step, support_x, support_y, seed=0)
+        moments = None if self.moments_step is None else (self.moments_step, {
+            k: (getattr(self, f"adam_m_{i}"), getattr(self, f"adam_v_{i}"))
+            for i, k in enumerate(self.moment_keys)})
+        adapted = adapt_to_task(self.model, params, self.step, support_x, support_y, seed=0,
+                                moments=moments)
         return self.model(adapted, query_x)
 
 
 def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y: Tensor,
-                  seed: int) -> dict[str, Tensor]:
-    """The meta-test inner loop on one support set; detached adapted parameters."""
+                  seed: int, moments: Moments | None = None) -> dict[str, Tensor]:
+    """The meta-test inner loop on one support set, its Adam starting from ``moments``;
+    detached adapted parameters."""
     keys = model.head_keys if step.algorithm == "anil" else None
     order = step.minibatches(len(x), seed, [0], x.device)
     params = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
         adapted = adapt(model, params, x, y, first_order=True, keys=keys,
-                        order=None if order is None else order[0], **step.adapt_options())
+                        order=None if order is None else order[0], moments=moments,
+                        **step.adapt_options())
     return {k: v.detach() for k, v in adapted.items()}
 
 

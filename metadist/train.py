@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metadist.algorithms import MetaStep, meta_gradient
+from metadist.algorithms import CarriedMoments, MetaStep, meta_gradient
 from metadist.checkpoint import load_checkpoint, save_checkpoint
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
@@ -90,10 +90,12 @@ def train(
     meta_batch_size = cfg.algorithm.meta_batch_size
     meta_step = MetaStep.from_config(cfg.algorithm)
     test_step = MetaStep.from_config(cfg.algorithm, test=True)
+    # The inner Adam's state, when it runs on from task to task (algorithm.inner_state).
+    carried = CarriedMoments() if meta_step.inner_state == "carried" else None
     start = 0
     history: list[dict[str, float]] = []
     if resume is not None:
-        start, history = restore(resume, model, params, optimizer, schedule)
+        start, history = restore(resume, model, params, optimizer, schedule, carried)
     lo, hi = shard_bounds(meta_batch_size, rank, world)
 
     def batch_at(step: int) -> tuple[MetaBatch, torch.Tensor | None]:
@@ -130,6 +132,7 @@ def train(
                 else vars(streams.preprocessing),
                 "params": {k: v.detach().cpu() for k, v in params.items()},
                 "optimizer": optimizer.state_dict(),
+                "inner_moments": None if carried is None else carried.state_dict(),
                 "step": step,
                 "sampler": {"seed": cfg.train.seed, "next_episode": step * meta_batch_size},
                 "rng": rng_state(),
@@ -143,7 +146,7 @@ def train(
         loss, acc, classification = episode_scores(
             model, params, source, test_step, start=e_lo, stop=e_hi,
             batch_size=cfg.eval.batch_size, inner_loop=inner_loop, chunk=cfg.train.chunk,
-            device=device, order_seed=cfg.eval.seed,
+            device=device, order_seed=cfg.eval.seed, carried=carried,
         )
         full = torch.zeros(2, episodes, dtype=torch.float64)
         full[0, e_lo:e_hi], full[1, e_lo:e_hi] = loss, acc
@@ -162,13 +165,16 @@ def train(
         waited += time.perf_counter() - t_fetch
         grads, sums = meta_gradient(
             model, params, batch, meta_step, inner_loop=inner_loop, chunk=cfg.train.chunk,
-            order=order,
+            order=order, carried=carried,
         )
         stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0]])
-        *reduced, stats = all_reduce_sum([grads[k] for k in params] + [stats])
+        moments = [] if carried is None else carried.pending_tensors()
+        *reduced, stats = all_reduce_sum([grads[k] for k in params] + moments + [stats])
         n_tasks = stats[2].item()
         for p, g in zip(params.values(), reduced):
             p.grad = g / n_tasks
+        if carried is not None:
+            carried.advance(reduced[len(params):], n_tasks, meta_step.inner_steps)
         optimizer.step()
         if schedule is not None:
             schedule.step()
@@ -235,6 +241,8 @@ def protocol(cfg: Config, split: str, episodes: int) -> dict[str, Any]:
         "algorithm": cfg.algorithm.name, "episodes": episodes,
         "inner_batch": MetaStep.from_config(cfg.algorithm, test=True).inner_batch,
         "inner_optimizer": cfg.algorithm.inner_optimizer,
+        **({"inner_state": cfg.algorithm.inner_state}
+           if cfg.algorithm.inner_optimizer == "adam" else {}),
     }
 
 
@@ -257,13 +265,21 @@ def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer):
     )
 
 
-def restore(path, model, params, optimizer, schedule=None) -> tuple[int, list[dict[str, float]]]:
+def restore(path, model, params, optimizer, schedule=None, carried: CarriedMoments | None = None
+            ) -> tuple[int, list[dict[str, float]]]:
     state = load_checkpoint(path)
     check_params(model, state["params"], str(path))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state["params"][k])
     optimizer.load_state_dict(state["optimizer"])
+    if carried is not None:
+        if state.get("inner_moments") is None:
+            raise ValueError(f"{path}: the checkpoint has no inner Adam state to carry on "
+                             "(it was trained with algorithm.inner_state=task)")
+        loaded = CarriedMoments.from_state(state["inner_moments"], next(iter(params.values()))
+                                           .device)
+        carried.step, carried.moments = loaded.step, loaded.moments
     if schedule is not None:
         schedule.last_epoch = int(state["step"])
         for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs,

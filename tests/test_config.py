@@ -33,6 +33,8 @@ def test_overrides_are_typed_and_win_over_the_file():
         ("algorithm.inner_optimizer=rmsprop", "algorithm.inner_optimizer='rmsprop'"),
         ("algorithm.inner_optimizer=adam", "inner_optimizer='adam' needs a first-order"),
         ("algorithm.inner_betas=[0.9]", "algorithm.inner_betas=[0.9]"),
+        ("algorithm.inner_state=shared", "algorithm.inner_state='shared'"),
+        ("algorithm.inner_state=carried", "algorithm.inner_state='carried' carries the inner"),
         ("algorithm.outer_lr_final=1.0", "algorithm.outer_lr_final=1.0 must lie in"),
     ],
 )

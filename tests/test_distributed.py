@@ -35,6 +35,12 @@ CASES = {
                 "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5",
                 "algorithm.inner_steps=3", "algorithm.meta_batch_size=5", "train.steps=8",
                 "eval.episodes=20"],
+    # Nichol et al.'s inner Adam, its state carried on: the workers all-reduce it too.
+    "reptile-carried": ["configs/sinusoid_maml.yaml", "algorithm.name=reptile",
+                        "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5",
+                        "algorithm.inner_steps=3", "algorithm.inner_optimizer=adam",
+                        "algorithm.inner_lr=0.01", "algorithm.inner_state=carried",
+                        "algorithm.meta_batch_size=5", "train.steps=8", "eval.episodes=20"],
 }
 
 
@@ -59,6 +65,10 @@ def test_two_workers_end_with_the_parameters_of_one(algorithm, tmp_path, omniglo
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
     assert result_two["workers"] == 2
     assert result_two["mean"] == pytest.approx(single["mean"], rel=1e-4, abs=1e-6)
+    if one["inner_moments"] is not None:
+        for k, (_, v) in one["inner_moments"]["moments"].items():
+            torch.testing.assert_close(two["inner_moments"]["moments"][k][1], v, rtol=1e-4,
+                                       atol=1e-9)
 
 
 def load_initial(state: dict, key: str) -> torch.Tensor:

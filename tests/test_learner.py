@@ -76,6 +76,38 @@ def test_adapt_and_predict_match_the_evaluation_path(checkpoint, omniglot_small)
     torch.testing.assert_close(proba.sum(-1), torch.ones(15))
 
 
+def test_a_carried_inner_adam_state_travels_with_the_learner(omniglot_small, tmp_path):
+    from metadist.algorithms import CarriedMoments
+    from metadist.learner import adapt_to_task
+
+    cfg = load_config(ROOT / "configs" / "omniglot_5w1s_reptile.yaml", [
+        f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path}", "train.steps=2",
+        "data.train_shots=4", "algorithm.meta_batch_size=2", "algorithm.test_inner_steps=4",
+        "algorithm.inner_state=carried", "train.val_every=0", "eval.episodes=4",
+        "train.progress=false", "tracking.enabled=false", "train.inner_loop=loop",
+    ])
+    learner = Learner.load(train(cfg)["checkpoint"])
+    assert learner.moments is not None and learner.moments[0] == 2 * 5  # steps x inner steps
+    store = ClassStore(omniglot_small / "test", image_size=28, channels=1)
+    episode = EpisodeSampler(store, ways=5, shots=1, queries=3, seed=4,
+                             preprocessing=learner.preprocessing).episode(0)
+    sx, sy, qx, qy = episode
+    module = learner.as_module()
+    torch.save(module, tmp_path / "module.pt")  # how MLflow's PyTorch flavour stores it
+    restored = torch.load(tmp_path / "module.pt", weights_only=False)
+    with torch.no_grad():
+        logits = restored(sx, sy, qx)
+    _, acc = adapted_scores(learner.model, learner.params, MetaBatch(*(t[None] for t in episode)),
+                            learner.step, carried=CarriedMoments(*learner.moments))
+    assert (logits.argmax(-1) == qy).float().mean().item() == pytest.approx(acc.item())
+    # Learner.adapt's inner loop, after it has preprocessed the user's images:
+    adapted = adapt_to_task(learner.model, learner.params, learner.step, sx, sy, 0,
+                            learner.moments)
+    torch.testing.assert_close(learner.model(adapted, qx), logits)
+    fresh = adapt_to_task(learner.model, learner.params, learner.step, sx, sy, 0)
+    assert not torch.allclose(learner.model(fresh, qx), logits)
+
+
 def test_any_image_size_and_type(checkpoint, tmp_path):
     learner = Learner.load(checkpoint)
     rng = np.random.default_rng(0)

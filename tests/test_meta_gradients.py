@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metadist.algorithms import MetaStep, adapted_scores, meta_gradient
+from metadist.algorithms import CarriedMoments, MetaStep, adapted_scores, meta_gradient
 from metadist.algorithms.inner_loop import minibatch_order, task_loss
 from metadist.data.episodes import MetaBatch
 from metadist.models import MLP, Conv4
@@ -199,7 +199,7 @@ def test_anil_adapts_only_the_head():
     step = MetaStep("anil", 0.4, 2)
     from metadist.algorithms.meta import _run_tasks
 
-    _, _, adapted = _run_tasks(model, params, *batch, step, "loop", outer_graph=False)
+    _, _, adapted, _ = _run_tasks(model, params, *batch, step, "loop", outer_graph=False)
     for k in params:
         changed = not torch.equal(adapted[k][0], params[k].detach())
         assert changed == (k in model.head_keys), k
@@ -274,6 +274,76 @@ def test_vmap_and_loop_agree_with_inner_minibatches_and_adam(algorithm):
     b, mb = meta_gradient(model, params, batch, step, inner_loop="vmap", chunk=3, order=order)
     torch.testing.assert_close(flat(a), flat(b), rtol=1e-4, atol=1e-6)
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
+def test_carried_inner_adam_matches_torch_optim_run_on_from_the_state(inner_loop):
+    """Every task of a meta-batch continues one torch.optim.Adam from the carried state (its
+    moments and step count); the state then moves to the mean of the tasks' end states."""
+    model, params = small_conv("stride")
+    lr, steps, tasks = 0.01, 3, 3
+    step = MetaStep("reptile", lr, steps, inner_batch=5, inner_optimizer="adam",
+                    inner_state="carried")
+    carried = CarriedMoments()
+    first = image_batch(tasks=tasks, ways=3, shots=4, seed=1)
+    meta_gradient(model, params, first, step, order=step.minibatches(12, 0, range(tasks)),
+                  carried=carried)
+    carried.advance(carried.pending_tensors(), tasks, steps)
+    assert carried.step == steps and set(carried.moments) == set(params)
+    start = CarriedMoments(carried.step, dict(carried.moments))
+
+    batch = image_batch(tasks=tasks, ways=3, shots=4, seed=2)
+    order = step.minibatches(12, 1, range(tasks))
+    grads, _ = meta_gradient(model, params, batch, step, inner_loop=inner_loop, chunk=2,
+                             order=order, carried=carried)
+    expected = {k: torch.zeros_like(v) for k, v in params.items()}
+    end_v = {k: torch.zeros_like(v) for k, v in params.items()}
+    for t in range(tasks):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        opt = torch.optim.Adam(p.values(), lr=lr, betas=(0.0, 0.999))
+        for k, leaf in p.items():
+            m, v = start.moments[k]
+            opt.state[leaf] = {"step": torch.tensor(float(start.step)),
+                               "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+        for s in range(steps):
+            opt.zero_grad()
+            rows = order[t, s]
+            task_loss(model, p, batch.support_x[t][rows], batch.support_y[t][rows]).backward()
+            opt.step()
+        for k, leaf in p.items():
+            expected[k] += params[k].detach() - leaf.detach()
+            end_v[k] += opt.state[leaf]["exp_avg_sq"]
+    fresh, _ = meta_gradient(model, params, batch, step, order=order)
+    assert not torch.allclose(flat(fresh), flat(expected), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(flat(grads), flat(expected), rtol=1e-4, atol=1e-6)
+    carried.advance(carried.pending_tensors(), tasks, steps)
+    assert carried.step == 2 * steps
+    for k in params:
+        torch.testing.assert_close(carried.moments[k][1], end_v[k] / tasks, rtol=1e-4,
+                                   atol=1e-9)
+
+
+def test_evaluation_starts_from_the_carried_state_and_leaves_it():
+    model, params = small_conv("stride")
+    step = MetaStep("reptile", 0.01, 3, inner_optimizer="adam", inner_state="carried")
+    batch = image_batch(tasks=2, ways=3, shots=2)
+    carried = CarriedMoments()
+    meta_gradient(model, params, batch, step, carried=carried)
+    carried.advance(carried.pending_tensors(), 2, 3)
+    before = {k: (m.clone(), v.clone()) for k, (m, v) in carried.moments.items()}
+    fresh = adapted_scores(model, params, batch, step)[0]
+    warm = adapted_scores(model, params, batch, step, carried=carried)[0]
+    assert not torch.allclose(fresh, warm)
+    assert carried.step == 3 and not carried.pending
+    for k, (m, v) in carried.moments.items():
+        assert torch.equal(m, before[k][0]) and torch.equal(v, before[k][1])
+
+
+def test_carried_inner_state_needs_adam():
+    with pytest.raises(ValueError, match="needs inner_optimizer 'adam'"):
+        MetaStep("reptile", inner_state="carried")
+    with pytest.raises(ValueError, match="inner_state must be"):
+        MetaStep("reptile", inner_optimizer="adam", inner_state="shared")
 
 
 def test_inner_adam_needs_a_first_order_algorithm():

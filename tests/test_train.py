@@ -35,17 +35,20 @@ def test_meta_training_beats_the_initialisation_on_held_out_sinusoids(tmp_path):
         "fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias", "head.weight", "head.bias"}
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "reptile", "reptile-nichol"])
+@pytest.mark.parametrize("algorithm", ["maml", "reptile", "reptile-nichol", "reptile-carried"])
 def test_resume_continues_the_identical_trajectory(tmp_path, algorithm):
     extra = [f"algorithm.name={algorithm.split('-')[0]}", "train.checkpoint_every=20",
              "train.inner_loop=loop"]
     if algorithm.startswith("reptile"):
         extra += ["algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5"]
-    if algorithm == "reptile-nichol":  # minibatches, inner Adam, annealed β: all resumable
+    nichol = algorithm in ("reptile-nichol", "reptile-carried")
+    if nichol:  # minibatches, inner Adam, annealed β: all resumable
         extra += ["data.train_shots=12", "algorithm.inner_batch=4", "algorithm.inner_steps=3",
                   "algorithm.inner_optimizer=adam", "algorithm.outer_lr_final=0.0"]
+    if algorithm == "reptile-carried":  # and the inner Adam's state, carried on
+        extra += ["algorithm.inner_state=carried"]
     full = train(sinusoid(tmp_path / "a", "train.steps=40", *extra))
-    if algorithm == "reptile-nichol":  # β's schedule spans train.steps: stop the 40-step run
+    if nichol:  # β's schedule spans train.steps: stop the 40-step run
         half = Path(full["run_dir"]) / "checkpoints" / "step-0000020.pt"
     else:  # extend a 20-step run
         half = train(sinusoid(tmp_path / "b", "train.steps=20", *extra))["checkpoint"]
@@ -55,6 +58,30 @@ def test_resume_continues_the_identical_trajectory(tmp_path, algorithm):
         torch.testing.assert_close(a["params"][k], b["params"][k], rtol=0, atol=0)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     assert resumed["mean"] == full["mean"]
+
+
+def test_a_carried_inner_state_is_checkpointed_and_evaluated_from(tmp_path):
+    from metadist.evaluate import evaluate_checkpoint
+
+    extra = ["algorithm.name=reptile", "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5",
+             "algorithm.inner_steps=3", "algorithm.inner_optimizer=adam",
+             "algorithm.inner_lr=0.01", "train.steps=10", "train.inner_loop=loop"]
+    carried = train(sinusoid(tmp_path / "a", *extra, "algorithm.inner_state=carried"))
+    state = load_checkpoint(carried["checkpoint"])
+    assert state["inner_moments"]["step"] == 10 * 3
+    v = state["inner_moments"]["moments"]["fc0.weight"][1]
+    assert v.shape == state["params"]["fc0.weight"].shape and v.min() >= 0 and v.max() > 0
+    assert carried["inner_state"] == "carried"
+    # The meta-test starts every episode from the carried state, in training and after.
+    again = evaluate_checkpoint(carried["checkpoint"], episodes=200, device="cpu")
+    assert again["mean"] == carried["mean"]
+    # ...which is not where a fresh inner Adam would start.
+    state["config"]["algorithm"]["inner_state"] = "task"
+    torch.save(state, tmp_path / "as-task.pt")
+    fresh = evaluate_checkpoint(str(tmp_path / "as-task.pt"), episodes=200, device="cpu")
+    assert fresh["mean"] != carried["mean"]
+    task = train(sinusoid(tmp_path / "b", *extra))
+    assert load_checkpoint(task["checkpoint"])["inner_moments"] is None
 
 
 def test_extending_an_annealed_run_re_anneals_beta_over_the_new_length(tmp_path):

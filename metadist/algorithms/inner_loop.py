@@ -7,8 +7,9 @@ respect to the initial ones, so the outer gradient flows through the adaptation:
 (second-order MAML) or through the identity path only (``first_order``).
 
 Each step may use a minibatch of the support set (rows ``order[step]``) and Adam instead of
-SGD, as Reptile does (Nichol et al. 2018). The Adam moments start at zero for every task:
-state carried from task to task would make the tasks of a meta-batch sequential.
+SGD, as Reptile does (Nichol et al. 2018). Adam's moments start at zero for every task, or
+from given ``moments`` (``Moments``: a state carried from task to task, see
+``CarriedMoments`` in ``meta.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from torch import Tensor
 
 Params = dict[str, Tensor]
 Model = Callable[..., Tensor]
+# Adam's state: the number of steps it has taken (for the bias correction) and each adapted
+# parameter's first and second moments.
+Moments = tuple[int, dict[str, tuple[Tensor, Tensor]]]
 
 
 def task_loss(model: Model, params: Params, x: Tensor, y: Tensor, impl: str = "native") -> Tensor:
@@ -51,24 +55,51 @@ def adapt(
     order: Tensor | None = None,
     optimizer: str = "sgd",
     betas: tuple[float, float] = (0.0, 0.999),
+    moments: Moments | None = None,
 ) -> Params:
     """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
     ``lr`` on (x, y); ``keys`` limits which parameters adapt (ANIL adapts the head only).
     ``order`` ([steps, batch] row indices, see ``minibatch_order``) gives each step's
-    minibatch; None: every step uses all of (x, y)."""
+    minibatch; None: every step uses all of (x, y). ``moments``: Adam's state to start
+    from; None: zero."""
+    return adapt_with_moments(
+        model, params, x, y, lr=lr, steps=steps, first_order=first_order, keys=keys,
+        impl=impl, functional=functional, order=order, optimizer=optimizer, betas=betas,
+        moments=moments,
+    )[0]
+
+
+def adapt_with_moments(
+    model: Model,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lr: float,
+    steps: int,
+    first_order: bool = False,
+    keys: Sequence[str] | None = None,
+    impl: str = "native",
+    functional: bool = False,
+    order: Tensor | None = None,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.0, 0.999),
+    moments: Moments | None = None,
+) -> tuple[Params, Moments]:
+    """``adapt``, also returning Adam's state after the last step (SGD: no moments)."""
     keys = list(params) if keys is None else list(keys)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if order is not None and order.shape[0] < steps:
         raise ValueError(f"order has {order.shape[0]} minibatches for {steps} steps")
-    moments: dict[str, tuple[Tensor, Tensor]] = {}
+    taken, state = (0, {}) if moments is None else (moments[0], dict(moments[1]))
     for t in range(steps):
         xs, ys = (x, y) if order is None else (x[order[t]], y[order[t]])
         grads = _grads(model, params, xs, ys, keys, first_order, impl, functional)
         if optimizer == "adam":
-            grads = _adam_directions(grads, moments, t + 1, betas)
+            grads = _adam_directions(grads, state, taken + t + 1, betas)
         params = {**params, **{k: params[k] - lr * grads[k] for k in keys}}
-    return params
+    return params, (taken + steps if optimizer == "adam" else taken, state)
 
 
 def _adam_directions(
