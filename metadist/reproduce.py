@@ -200,6 +200,9 @@ def render(tables: dict[str, list[Row]], results: Path = RESULTS, spec_path: Pat
             if (results / table / f"{row.id}.png").is_file():
                 curves.append(row.id)
         lines += [""]
+        # What a record says of its own run (a longer budget, a setting since changed).
+        lines += [f"- `{row.id}`: {record['note']}" for row in rows
+                  if (record := load_record(row, results)) is not None and record.get("note")]
         # Where our settings or data differ from a paper's, beyond the budget.
         if t.get("notes"):
             lines += [f"- {note.strip()}" for note in t["notes"]] + [""]

@@ -71,3 +71,7 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     assert "not run here" in other and "--budget full" in other
     assert f"results/omniglot/{row.id}.png" in page
     assert "- Reptile: " in page  # the differences from the papers are on the page
+    assert f"`{row.id}`" not in page
+    saved["note"] = "ran 4,000 steps"  # a record's own note is printed under its table
+    (results / "omniglot" / f"{row.id}.json").write_text(json.dumps(saved))
+    assert f"- `{row.id}`: ran 4,000 steps" in reproduce.render(tables, results)
