@@ -40,33 +40,9 @@ def output_loss(out: Tensor, y: Tensor) -> Tensor:
     return F.mse_loss(out, y)
 
 
-def adapt(
-    model: Model,
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    lr: float,
-    steps: int,
-    first_order: bool = False,
-    keys: Sequence[str] | None = None,
-    impl: str = "native",
-    functional: bool = False,
-    order: Tensor | None = None,
-    optimizer: str = "sgd",
-    betas: tuple[float, float] = (0.0, 0.999),
-    moments: Moments | None = None,
-) -> Params:
-    """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
-    ``lr`` on (x, y); ``keys`` limits which parameters adapt (ANIL adapts the head only).
-    ``order`` ([steps, batch] row indices, see ``minibatch_order``) gives each step's
-    minibatch; None: every step uses all of (x, y). ``moments``: Adam's state to start
-    from; None: zero."""
-    return adapt_with_moments(
-        model, params, x, y, lr=lr, steps=steps, first_order=first_order, keys=keys,
-        impl=impl, functional=functional, order=order, optimizer=optimizer, betas=betas,
-        moments=moments,
-    )[0]
+def adapt(model: Model, params: Params, x: Tensor, y: Tensor, **options) -> Params:
+    """``adapt_with_moments``'s adapted parameters alone."""
+    return adapt_with_moments(model, params, x, y, **options)[0]
 
 
 def adapt_with_moments(
@@ -86,7 +62,11 @@ def adapt_with_moments(
     betas: tuple[float, float] = (0.0, 0.999),
     moments: Moments | None = None,
 ) -> tuple[Params, Moments]:
-    """``adapt``, also returning Adam's state after the last step (SGD: no moments)."""
+    """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
+    ``lr`` on (x, y), and Adam's state after the last step (SGD: no moments). ``keys``
+    limits which parameters adapt (ANIL adapts the head only). ``order`` ([steps, batch]
+    row indices, see ``minibatch_order``) gives each step's minibatch; None: every step
+    uses all of (x, y). ``moments``: Adam's state to start from; None: zero."""
     keys = list(params) if keys is None else list(keys)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
