@@ -106,7 +106,10 @@ def carried_moments(state: dict[str, Any], step: MetaStep, device: torch.device 
     """A checkpoint's inner Adam state when its run carried one, else None."""
     if step.inner_state != "carried":
         return None
-    return CarriedMoments.from_state(state.get("inner_moments"), device)
+    carried = CarriedMoments()
+    if state.get("inner_moments") is not None:
+        carried.load_state_dict(state["inner_moments"], device)
+    return carried
 
 
 def evaluate_checkpoint(

@@ -277,9 +277,7 @@ def restore(path, model, params, optimizer, schedule=None, carried: CarriedMomen
         if state.get("inner_moments") is None:
             raise ValueError(f"{path}: the checkpoint has no inner Adam state to carry on "
                              "(it was trained with algorithm.inner_state=task)")
-        loaded = CarriedMoments.from_state(state["inner_moments"], next(iter(params.values()))
-                                           .device)
-        carried.step, carried.moments = loaded.step, loaded.moments
+        carried.load_state_dict(state["inner_moments"], next(iter(params.values())).device)
     if schedule is not None:
         schedule.last_epoch = int(state["step"])
         for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs,

@@ -149,13 +149,9 @@ class CarriedMoments:
         return {"step": self.step,
                 "moments": {k: (m.cpu(), v.cpu()) for k, (m, v) in self.moments.items()}}
 
-    @classmethod
-    def from_state(cls, state: dict | None, device: torch.device | str = "cpu"
-                   ) -> CarriedMoments:
-        if state is None:
-            return cls()
-        return cls(int(state["step"]), {k: (m.to(device), v.to(device))
-                                        for k, (m, v) in state["moments"].items()})
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.step = int(state["step"])
+        self.moments = {k: (m.to(device), v.to(device)) for k, (m, v) in state["moments"].items()}
 
 
 class _Head:
