@@ -89,6 +89,34 @@ def test_vmap_and_loop_give_the_same_meta_gradient(algorithm, pool):
         assert metrics["accuracy"] == pytest.approx(ref_metrics["accuracy"])
 
 
+@pytest.mark.parametrize("impl", ["native", "matmul"])
+def test_batch_norm_under_bf16_autocast_computes_in_the_parameters_precision(impl):
+    from metadist.models import layers
+
+    g = torch.Generator().manual_seed(0)
+    x = (3 + torch.randn(4, 5, 6, 6, generator=g)).to(torch.bfloat16)  # a conv's bf16 output
+    weight, bias = torch.rand(5, generator=g), torch.randn(5, generator=g)
+    if impl == "matmul":
+        x = x.permute(0, 2, 3, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layers.batch_norm(x, weight, bias, impl)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, layers.batch_norm(x.float(), weight, bias, impl))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_vmap_runs_under_bf16_autocast(algorithm):
+    # vmap's batch-norm backward used to reject the bf16 activations autocast hands it
+    # next to float32 weights ("expected scalar type BFloat16 but found Float").
+    model, params = small_conv(size=28)
+    batch = image_batch(tasks=2, size=28)
+    step = MetaStep(algorithm, inner_lr=0.4, inner_steps=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = meta_gradient(model, params, batch, step, inner_loop="vmap")
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in got.values())
+    assert flat(got).norm() > 0
+
+
 def test_vmap_equals_the_loop_in_float64_through_five_second_order_steps():
     # miniImageNet MAML's shape (max-pool, flatten readout, 5 inner steps, α=0.01), scaled
     # down. In float32 the two paths differ by ~6e-4 there (benchmarks/results/

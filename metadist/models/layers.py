@@ -47,7 +47,12 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
 
     This is the transductive setting of Finn et al. (2017): every episode, support and
     query alike, is normalised with its own statistics, at training and at test time.
+
+    It computes in the parameters' precision: under bf16 autocast the convolution hands
+    over bf16, whose 8-bit mantissa makes the batch's variance, and every gradient through
+    it, coarse; and vmap's batch-norm backward rejects a bf16 input with float32 weights.
     """
+    x = x.to(weight.dtype)
     if impl == "native":
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=BN_EPS)
     mean = x.mean(dim=(0, 1, 2))
