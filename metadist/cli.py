@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to test on (default: the config's test split)")
     p.add_argument("--dataset", help="dataset directory (default: the one trained on)")
     p.add_argument("--inner-steps", type=int, help="inner steps at test time")
+    p.add_argument("--queries", type=int,
+                   help="query examples per class in each test episode (default: the "
+                        "config's data.queries)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="convert datasets to metadist's Parquet episode store")
@@ -183,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, episodes=args.episodes, split=args.split, dataset=args.dataset,
-        inner_steps=args.inner_steps,
+        inner_steps=args.inner_steps, queries=args.queries,
     )
     print_result(result)
     return 0

@@ -119,9 +119,15 @@ def evaluate_checkpoint(
     split: str | None = None,
     dataset: str | None = None,
     inner_steps: int | None = None,
+    queries: int | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Meta-test a saved model under the protocol of the config it was trained with."""
+    """Meta-test a saved model under the protocol of the config it was trained with.
+
+    ``queries`` (per class) replaces the config's ``data.queries`` in the test episodes:
+    papers differ here (Finn et al.'s code tests on as many queries as shots, Nichol et
+    al.'s on one), and with batch statistics taken from the queries it moves the score.
+    """
     from metadist.checkpoint import load_checkpoint
     from metadist.config import config_from_dict
     from metadist.data.streams import open_streams
@@ -134,6 +140,10 @@ def evaluate_checkpoint(
         cfg.data.dataset = dataset
     if split is not None:
         cfg.data.test_split = split
+    if queries is not None:
+        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+            raise ValueError(f"queries must be an integer >= 1 (per class), got {queries!r}")
+        cfg.data.queries = queries
     episodes = episodes or cfg.eval.episodes
     dev = resolve_device(device)
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)

@@ -84,6 +84,20 @@ def test_a_carried_inner_state_is_checkpointed_and_evaluated_from(tmp_path):
     assert load_checkpoint(task["checkpoint"])["inner_moments"] is None
 
 
+def test_eval_tests_on_the_queries_asked_for(tmp_path, capsys):
+    from metadist.evaluate import evaluate_checkpoint
+
+    result = train(sinusoid(tmp_path, "train.steps=20", "eval.episodes=50",
+                            "train.inner_loop=loop"))
+    assert result["queries"] == 10
+    same = evaluate_checkpoint(result["checkpoint"], device="cpu")
+    assert same["mean"] == result["mean"] and same["queries"] == 10
+    one = evaluate_checkpoint(result["checkpoint"], queries=1, device="cpu")
+    assert one["queries"] == 1 and one["episodes"] == 50 and one["mean"] != result["mean"]
+    assert main(["eval", result["checkpoint"], "--queries", "0"]) == 2
+    assert "queries must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_extending_an_annealed_run_re_anneals_beta_over_the_new_length(tmp_path):
     extra = ["algorithm.name=reptile", "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=1.0",
              "algorithm.outer_lr_final=0.0", "train.inner_loop=loop", "train.checkpoint_every=1"]
