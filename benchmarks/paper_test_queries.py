@@ -6,9 +6,11 @@ update_batch_size*2)` at test, Omniglot and miniImageNet alike), and Nichol et a
 Reptile code on one (`_split_train_test(..., test_shots=1)`). With transductive batch norm
 the queries' count sets the batch the test statistics come from, so it moves the score.
 This re-tests each recorded row's final checkpoint (same 600 seeded episodes' classes, same
-`eval.seed`) on the paper's count, beside the recorded 15-query result:
+`eval.seed`) on the paper's count (`paper_queries` in configs/reproduce/tables.yaml),
+beside the recorded 15-query result. `metadist reproduce` does the same for every row it
+runs; `--record` writes these results into records that predate that:
 
-    python benchmarks/paper_test_queries.py [--rows ROW,...] > RESULTS.md
+    python benchmarks/paper_test_queries.py [--rows ROW,...] [--record] > RESULTS.md
 
 Rows whose checkpoint is no longer on disk are listed as such.
 """
@@ -26,28 +28,30 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Queries per class in the papers' test episodes, by algorithm and shots.
-PAPER_QUERIES = {"maml": lambda shots: shots, "fomaml": lambda shots: shots,
-                 "reptile": lambda shots: 1}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=None, help="comma-separated row ids (default: all)")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--record", action="store_true",
+                        help="also write each result into its row's record")
     args = parser.parse_args()
+    from metadist import reproduce
     from metadist.evaluate import evaluate_checkpoint
+
+    rows = {r.id: r for t in reproduce.load_rows().values() for r in t}
 
     torch.set_num_threads(1)
     wanted = set(args.rows.split(",")) if args.rows else None
-    records = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("*/*.json"))]
+    paths = sorted(Path(args.results).glob("*/*.json"))
     started = time.perf_counter()
     lines = []
-    for rec in records:
+    for path in paths:
+        rec = json.loads(path.read_text())
         if wanted is not None and rec["row"] not in wanted:
             continue
         res = rec["result"]
-        queries = PAPER_QUERIES[rec["algorithm"]](res["shots"])
+        queries = reproduce.paper_queries(rows[rec["row"]], res["shots"])
         ours = f"{100 * res['mean']:.2f} ± {100 * res['ci95']:.2f}"
         paper = f"{rec['paper']:.2f}" if rec.get("paper") is not None else "—"
         checkpoint = ROOT / res["checkpoint"]
@@ -61,6 +65,11 @@ def main() -> None:
         minutes = (time.perf_counter() - t0) / 60
         print(f"{rec['row']}: {100 * again['mean']:.2f} ({minutes:.1f} min)", file=sys.stderr,
               flush=True)
+        if args.record:
+            rec["paper_queries"] = {
+                "queries": queries, **{k: again[k] for k in ("mean", "ci95", "episodes", "seed")},
+                "source": "benchmarks/paper_test_queries.py on the record's final checkpoint"}
+            path.write_text(json.dumps(rec, indent=2, default=str))
         diff = 100 * (again["mean"] - res["mean"])
         lines.append(f"| {rec['row']} | {res['steps']:,} | {ours} | {queries} | "
                      f"**{100 * again['mean']:.2f} ± {100 * again['ci95']:.2f}** | "

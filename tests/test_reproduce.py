@@ -24,6 +24,17 @@ def test_every_row_loads_under_both_budgets():
             assert config.data.shots == int(row.setting.split("w")[1].rstrip("s"))
             assert config.data.dataset == row.dataset
         assert reproduce.row_config(row, "full").train.steps >= 60000
+        # Finn et al.'s code tests on as many queries as shots, Nichol et al.'s on one.
+        shots = reproduce.row_config(row, "cpu").data.shots
+        expected = 1 if row.algorithm == "reptile" else shots
+        assert reproduce.paper_queries(row, shots) == expected
+
+
+def test_a_bad_paper_queries_entry_names_the_row():
+    row = reproduce.load_rows()["omniglot"][0]
+    row.paper_queries = "two"
+    with pytest.raises(ConfigError, match=f"paper_queries of {row.id} must be 'shots'"):
+        reproduce.paper_queries(row, 1)
 
 
 def test_paper_targets_are_the_published_ones():
@@ -61,12 +72,21 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     assert saved["result"]["episodes"] == 12 and saved["result"]["split"] == "test"
     assert saved["paper"] == 98.7 and "train.steps=3" in saved["overrides"]
     assert (results / "omniglot" / f"{row.id}.png").is_file()
+    # Meta-tested again on Finn et al.'s count (1 query per class at 1 shot), same episodes.
+    from metadist.evaluate import evaluate_checkpoint
+
+    theirs = evaluate_checkpoint(record["result"]["checkpoint"], episodes=12, queries=1)
+    assert saved["paper_queries"] == {"queries": 1, "mean": theirs["mean"],
+                                      "ci95": theirs["ci95"], "episodes": 12, "seed": 2017}
+    assert theirs["queries"] == 1 and record["result"]["queries"] == 2
 
     page = reproduce.render(tables, results)
     line = next(x for x in page.splitlines() if x.startswith("| 1200-423 | 5w1s | maml |"))
     r = record["result"]
     assert f"**{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}**" in line
     assert "| 98.70 |" in line and "| 3 |" in line
+    pq = saved["paper_queries"]
+    assert f"| {100 * pq['mean']:.2f} ± {100 * pq['ci95']:.2f} (1/class) |" in line
     other = next(x for x in page.splitlines() if x.startswith("| 1200-423 | 20w5s | reptile |"))
     assert "not run here" in other and "--budget full" in other
     assert f"results/omniglot/{row.id}.png" in page
