@@ -74,6 +74,7 @@ class TrainConfig:
     output_dir: str = "runs"
     progress: bool = True
     final_test: bool = True  # meta-test at the end; false: end on the validation split
+    precision: str = "fp32"  # fp32 | bf16 (autocast in meta-training; evaluation stays fp32)
 
 
 @dataclass
@@ -235,6 +236,7 @@ def validate(config: Config) -> None:
         "algorithm.inner_optimizer": (config.algorithm.inner_optimizer, ("sgd", "adam")),
         "algorithm.inner_state": (config.algorithm.inner_state, ("task", "carried")),
         "train.inner_loop": (config.train.inner_loop, ("auto", "loop", "vmap")),
+        "train.precision": (config.train.precision, ("fp32", "bf16")),
         "model.pool": (config.model.pool, ("max", "stride")),
         "model.readout": (config.model.readout, ("mean", "flatten")),
         "tune.search": (config.tune.search, ("random", "tpe")),

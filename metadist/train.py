@@ -109,6 +109,11 @@ def train(
                                       range(first + lo, first + hi), device)
         return MetaBatch(*(t.to(device) for t in batch)), order
 
+    def autocast():
+        # bf16 only: fp16 would need loss scaling through the inner loops' own gradients.
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.train.precision == "bf16")
+
     inner_loop = cfg.train.inner_loop
     if inner_loop == "auto":
         # Every worker must run the same path; rank 0 (which always has tasks) decides.
@@ -118,7 +123,9 @@ def train(
             probe = MetaBatch(*(t.to(device) for t in probe))
             order = meta_step.minibatches(probe.support_x.shape[1], cfg.train.seed,
                                           range(probe.support_x.shape[0]), device)
-            picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk, order)
+            with autocast():
+                picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk,
+                                         order)
             choice[0] = float(picked == "vmap")
         inner_loop = "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 
@@ -163,10 +170,11 @@ def train(
         t_fetch = time.perf_counter()
         batch, order = batch_at(step)
         waited += time.perf_counter() - t_fetch
-        grads, sums = meta_gradient(
-            model, params, batch, meta_step, inner_loop=inner_loop, chunk=cfg.train.chunk,
-            order=order, carried=carried,
-        )
+        with autocast():
+            grads, sums = meta_gradient(
+                model, params, batch, meta_step, inner_loop=inner_loop, chunk=cfg.train.chunk,
+                order=order, carried=carried,
+            )
         stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0]])
         moments = [] if carried is None else carried.pending_tensors()
         *reduced, stats = all_reduce_sum([grads[k] for k in params] + moments + [stats])

@@ -220,3 +220,21 @@ def test_eval_rejects_parameters_that_do_not_fit_the_model(tmp_path, capsys):
     assert main(["eval", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.pt" in err and "wrong shape ['head.weight']" in err
+
+
+def test_bf16_precision_autocasts_meta_training_only(tmp_path):
+    common = ["train.steps=15", "train.inner_loop=loop", "eval.episodes=50"]
+    fp32 = train(sinusoid(tmp_path / "a", *common))
+    bf16 = train(sinusoid(tmp_path / "b", *common, "train.precision=bf16"))
+    init = sinusoid(tmp_path / "c", "train.steps=0")
+    p0 = load_checkpoint(train(init)["checkpoint"])["params"]
+    a = load_checkpoint(fp32["checkpoint"])["params"]
+    b = load_checkpoint(bf16["checkpoint"])["params"]
+    moved = torch.cat([(a[k] - p0[k]).flatten() for k in p0])
+    apart = torch.cat([(b[k] - a[k]).flatten() for k in p0])
+    assert all(v.dtype == torch.float32 for v in b.values())  # master weights stay fp32
+    # bf16 rounding moves the trajectory (autocast was on), but not off course.
+    assert 1e-4 < apart.norm() / moved.norm() < 0.3
+    assert load_checkpoint(bf16["checkpoint"])["config"]["train"]["precision"] == "bf16"
+    with pytest.raises(Exception, match=r"train\.precision='fp16' is not one of"):
+        sinusoid(tmp_path, "train.precision=fp16")
