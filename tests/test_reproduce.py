@@ -61,11 +61,12 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     tables = reproduce.load_rows()
     row = reproduce.select(tables, "omniglot", ["omniglot-1200-423-5w1s-maml"])[0]
     results = tmp_path / "results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     record = reproduce.run_row(row, "cpu", [
         f"data.dataset={omniglot_small}", "train.steps=3", "train.val_every=3",
         "train.val_episodes=4", "eval.episodes=12", "eval.batch_size=6", "model.hidden=8",
         "algorithm.meta_batch_size=2", "data.queries=2", "train.progress=false",
-        "train.inner_loop=loop", "tracking.enabled=false", f"train.output_dir={tmp_path}",
+        "train.inner_loop=loop", f"tracking.tracking_uri={uri}", f"train.output_dir={tmp_path}",
     ], results=results)
     saved = json.loads((results / "omniglot" / f"{row.id}.json").read_text())
     assert saved["result"]["mean"] == record["result"]["mean"]
@@ -79,6 +80,11 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     assert saved["paper_queries"] == {"queries": 1, "mean": theirs["mean"],
                                       "ci95": theirs["ci95"], "episodes": 12, "seed": 2017}
     assert theirs["queries"] == 1 and record["result"]["queries"] == 2
+    from mlflow import MlflowClient
+
+    run = MlflowClient(uri).get_run(saved["mlflow_run_id"])
+    assert run.data.tags["reproduce_row"] == row.id and run.data.params["paper_queries"] == "1"
+    assert run.data.metrics["test_accuracy_paper_queries"] == pytest.approx(theirs["mean"])
 
     page = reproduce.render(tables, results)
     line = next(x for x in page.splitlines() if x.startswith("| 1200-423 | 5w1s | maml |"))
