@@ -151,11 +151,9 @@ def meta_test_on_paper_queries(config: Config, result: dict, queries: int) -> di
     stays on our protocol's count."""
     from metadist.evaluate import evaluate_checkpoint
 
-    if queries == result["queries"]:
-        return {"queries": queries, **{k: result[k] for k in ("mean", "ci95", "episodes",
-                                                              "seed")}}
-    again = evaluate_checkpoint(result["checkpoint"], episodes=result["episodes"],
-                                queries=queries, device=config.train.device)
+    again = result if queries == result["queries"] else evaluate_checkpoint(
+        result["checkpoint"], episodes=result["episodes"], queries=queries,
+        device=config.train.device)
     summary = {"queries": queries, **{k: again[k] for k in ("mean", "ci95", "episodes", "seed")}}
     if result.get("mlflow_run_id"):
         from mlflow import MlflowClient
