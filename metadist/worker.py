@@ -16,6 +16,7 @@ import os
 from datetime import timedelta
 
 import torch
+import torch._dynamo  # noqa: F401  (before the process group: see main)
 import torch.distributed as dist
 
 from metadist.config import load_config
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             config.train.device = f"cuda:{local}"
+        # torch._dynamo is imported above, not lazily by the first optimizer: imported
+        # after init_process_group it keeps references to the default group that
+        # destroy_process_group cannot drop, so the group outlives main(), and a gloo
+        # thread still freeing its last collective during interpreter shutdown aborts the
+        # process ("terminate called without an active exception", ~1 run in 20).
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
     tracker = None
     try:

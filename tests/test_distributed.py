@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,30 @@ def load_initial(state: dict, key: str) -> torch.Tensor:
     model = model_from_spec(state["model"])
     seed = state["config"]["train"]["seed"]
     return model.init_params(torch.Generator().manual_seed(seed))[key]
+
+
+def test_a_worker_frees_its_process_group_before_the_interpreter_exits(tmp_path):
+    """A group that outlives ``main()`` is torn down during interpreter shutdown, where a
+    gloo thread freeing its last collective aborts the process now and then. Freed in
+    ``main()``, its threads are gone when ``main()`` returns: checked deterministically."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, sys\n"
+        "import metadist.worker\n"
+        "metadist.worker.main(sys.argv[1:])\n"
+        "tasks = os.listdir('/proc/self/task')\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in tasks]\n"
+        "print('THREADS', os.environ['RANK'], sorted(names))\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+           str(probe), "configs/sinusoid_maml.yaml", "data.dataset=sinusoid",
+           "tracking.enabled=false", "train.progress=false", "train.val_every=0",
+           "train.steps=2", "eval.episodes=4", "train.threads=1",
+           "--run-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    threads = [line for line in out.stdout.splitlines() if line.startswith("THREADS")]
+    assert len(threads) == 2, out.stdout[-2000:]
+    for line in threads:
+        assert "gloo" not in line, line
