@@ -109,13 +109,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(nproc: int, args: list[str], run_dir: Path) -> dict:
-    """``metadist.worker`` on ``nproc`` torchrun ranks (real gloo groups, no Ray): its
-    result."""
+def run_torchrun(nproc: int, entry: list[str], args: list[str], run_dir: Path,
+                 timeout: float = 600) -> None:
+    """``entry`` (``-m module`` or a script) on ``nproc`` torchrun ranks (real gloo groups,
+    no Ray), from the repository root; it must exit 0 on every rank."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--standalone", "-m", "metadist.worker", *args, "--run-dir", str(run_dir)]
+           "--standalone", *entry, *args, "--run-dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                         text=True, env=env, timeout=600)
+                         text=True, env=env, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def run_workers(nproc: int, args: list[str], run_dir: Path) -> dict:
+    """``metadist.worker`` on ``nproc`` torchrun ranks: its result."""
+    run_torchrun(nproc, ["-m", "metadist.worker"], args, run_dir)
     return json.loads((run_dir / "result.json").read_text())

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_workers
+from conftest import run_torchrun, run_workers
 
 from metadist.checkpoint import load_checkpoint
 from metadist.config import load_config
@@ -96,14 +93,11 @@ def test_a_worker_frees_its_process_group_before_the_interpreter_exits(tmp_path)
         "out = sys.argv[sys.argv.index('--run-dir') + 1] + '.threads.' + os.environ['RANK']\n"
         "open(out, 'w').write(' '.join(sorted(names)))\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-           str(probe), "configs/sinusoid_maml.yaml", "data.dataset=sinusoid",
-           "tracking.enabled=false", "train.progress=false", "train.val_every=0",
-           "train.steps=2", "eval.episodes=4", "train.threads=1",
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_torchrun(2, [str(probe)], [
+        "configs/sinusoid_maml.yaml", "data.dataset=sinusoid", "tracking.enabled=false",
+        "train.progress=false", "train.val_every=0", "train.steps=2", "eval.episodes=4",
+        "train.threads=1",
+    ], tmp_path / "run", timeout=300)
     for rank in (0, 1):
         # Each rank writes its own file: the ranks' stdout interleave under torchrun.
         threads = (tmp_path / f"run.threads.{rank}").read_text()
