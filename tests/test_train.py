@@ -135,6 +135,30 @@ def test_omniglot_run_on_real_data_reports_the_protocol(tmp_path, omniglot_small
     assert main(["eval", result["checkpoint"], "--episodes", "30"]) == 0
 
 
+def test_conv_meta_training_on_real_data_repeats_and_resumes_bit_for_bit(tmp_path, omniglot_small):
+    # The README's claim that re-runs on one machine are identical (so a re-run that moves
+    # points at the machine, not at us) rests on this: Conv4 with batch norm, real episodes.
+    def config(name):
+        return load_config(ROOT / "configs" / "omniglot_5w1s_maml.yaml", [
+            f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path / name}",
+            "train.steps=4", "train.checkpoint_every=2", "algorithm.meta_batch_size=4",
+            "train.val_every=0", "eval.episodes=10", "train.progress=false",
+            "tracking.enabled=false", "train.inner_loop=loop",
+        ])
+
+    first, again = train(config("a")), train(config("b"))
+    half = Path(first["run_dir"]) / "checkpoints" / "step-0000002.pt"
+    resumed = train(config("c"), resume=half)
+    a = load_checkpoint(first["checkpoint"])
+    assert a["step"] == 4
+    for other in (again, resumed):
+        b = load_checkpoint(other["checkpoint"])
+        for k in a["params"]:
+            torch.testing.assert_close(a["params"][k], b["params"][k], rtol=0, atol=0)
+        assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+        assert other["mean"] == first["mean"]
+
+
 def test_reptile_with_nichol_et_al_s_options_on_real_data(tmp_path, omniglot_small):
     from metadist.data.streams import open_streams
 
