@@ -189,10 +189,33 @@ def machine() -> dict[str, Any]:
     import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "torch": torch.__version__}
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            # Which vector kernels torch dispatches to: two CPUs that differ here round
+            # differently, so a re-run that moves can be told from one that should not.
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **cpu_identity()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPU's model and its vector instruction sets (what oneDNN and MKL pick kernels
+    by); `platform.processor()` is empty on Linux and a VM's model name is often generic."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor describes them all
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    isa = sorted(f for f in fields.get("flags", "").split()
+                 if f.startswith(("avx", "amx", "fma")))
+    return {"cpu_model": f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}"
+                         f", model {fields.get('model', '?')})",
+            "cpu_isa": " ".join(isa)}
 
 
 # -- docs/results.md ------------------------------------------------------------------

@@ -72,6 +72,8 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     assert saved["result"]["mean"] == record["result"]["mean"]
     assert saved["result"]["episodes"] == 12 and saved["result"]["split"] == "test"
     assert saved["paper"] == 98.7 and "train.steps=3" in saved["overrides"]
+    assert saved["machine"]["cpu_capability"] in {"DEFAULT", "VSX", "Z VECTOR", "NO AVX",
+                                                  "AVX2", "AVX512", "SVE256"}
     assert (results / "omniglot" / f"{row.id}.png").is_file()
     # Meta-tested again on Finn et al.'s count (1 query per class at 1 shot), same episodes.
     from metadist.evaluate import evaluate_checkpoint
@@ -101,3 +103,18 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     saved["note"] = "ran 4,000 steps"  # a record's own note is printed under its table
     (results / "omniglot" / f"{row.id}.json").write_text(json.dumps(saved))
     assert f"- `{row.id}`: ran 4,000 steps" in reproduce.render(tables, results)
+
+
+def test_the_cpu_a_row_ran_on_is_named_by_its_vector_instruction_sets(tmp_path):
+    # Re-runs of one config reproduce to the last digit on one kind of CPU and move on
+    # another; the record has to say which kind it ran on.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "model name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+        "flags\t\t: fpu sse4_2 avx2 fma avx512f amx_tile\n\n"
+        "processor\t: 1\nmodel name\t: some other core\nflags\t\t: avx\n")
+    assert reproduce.cpu_identity(cpuinfo) == {
+        "cpu_model": "Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143)",
+        "cpu_isa": "amx_tile avx2 avx512f fma"}
+    assert reproduce.cpu_identity(tmp_path / "absent") == {}
