@@ -123,6 +123,7 @@ def row_config(row: Row, budget: str, overrides: list[str] = ()) -> Config:
 def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS) -> dict:
     """Meta-train and meta-test one row, tracked like ``metadist train``, and record it."""
     from metadist.cli import tracked_training
+    from metadist.tracking import git_commit, git_uncommitted
 
     config = row_config(row, budget, overrides)
     queries = paper_queries(row, config.data.shots)
@@ -136,7 +137,8 @@ def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS
         "config": str(row.config), "paper": row.paper,
         "paper_non_transductive": row.paper_non_transductive,
         "result": result, "wall_seconds": time.perf_counter() - started,
-        "machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(), "code": {"commit": git_commit(), "uncommitted": git_uncommitted()},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "mlflow_run_id": result.get("mlflow_run_id"),
     }
     if queries is not None and result.get("split") == config.data.test_split:

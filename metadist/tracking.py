@@ -204,6 +204,7 @@ def run_tags(config: Config) -> dict[str, Any]:
         "ways": config.data.ways,
         "shots": config.data.shots,
         "git_commit": git_commit(),
+        "git_uncommitted": ", ".join(git_uncommitted()) or "none",
     }
 
 
@@ -245,12 +246,27 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") ->
     return path
 
 
-def git_commit() -> str:
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def git_commit(where: Path = PACKAGE_DIR) -> str:
+    return _git(where, "rev-parse", "HEAD").strip() or "unknown"
+
+
+def git_uncommitted(where: Path = PACKAGE_DIR) -> list[str]:
+    """metadist's own files and configs that differ from ``git_commit()``: a run made from
+    an edited tree is not that commit's run, and only this says so afterwards."""
+    out = _git(where, "status", "--porcelain", "--untracked-files=no", "--", ":/metadist",
+               ":/configs")
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+def _git(where: Path, *args: str) -> str:
+    # The package's own checkout, wherever the command runs from; empty when installed
+    # from a wheel or when git is missing.
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                             cwd=where)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return ""
+    return out.stdout if out.returncode == 0 else ""

@@ -72,6 +72,10 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     assert saved["result"]["mean"] == record["result"]["mean"]
     assert saved["result"]["episodes"] == 12 and saved["result"]["split"] == "test"
     assert saved["paper"] == 98.7 and "train.steps=3" in saved["overrides"]
+    from metadist.tracking import git_commit
+
+    assert saved["code"]["commit"] == git_commit() and isinstance(
+        saved["code"]["uncommitted"], list)
     assert saved["machine"]["cpu_capability"] in {"DEFAULT", "VSX", "Z VECTOR", "NO AVX",
                                                   "AVX2", "AVX512", "SVE256"}
     assert (results / "omniglot" / f"{row.id}.png").is_file()
@@ -86,6 +90,9 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
 
     run = MlflowClient(uri).get_run(saved["mlflow_run_id"])
     assert run.data.tags["reproduce_row"] == row.id and run.data.params["paper_queries"] == "1"
+    assert run.data.tags["git_commit"] == saved["code"]["commit"]
+    assert run.data.tags["git_uncommitted"] == (", ".join(saved["code"]["uncommitted"])
+                                               or "none")
     assert run.data.metrics["test_accuracy_paper_queries"] == pytest.approx(theirs["mean"])
 
     page = reproduce.render(tables, results)

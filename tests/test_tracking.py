@@ -13,7 +13,7 @@ import pytest
 from conftest import free_port, start_mlflow_server, stop_mlflow_server
 
 from metadist.config import load_config
-from metadist.tracking import MLflowTracker
+from metadist.tracking import MLflowTracker, git_commit, git_uncommitted
 from metadist.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +85,27 @@ def test_runs_started_at_once_on_a_fresh_sqlite_store_all_get_tracked(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("metadist").experiment_id])
     assert len(runs) == 3
     assert all(r.data.metrics["loss"] == 1.0 for r in runs)
+
+
+def test_a_run_from_an_edited_tree_names_the_edited_files(tmp_path):
+    # Two records of one config that differ are explained by the machine or by the code;
+    # the commit alone cannot say which when the tree was edited.
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("metadist/algo.py", "configs/row.yaml", "README.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("a\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    package = tmp_path / "metadist"
+    assert len(git_commit(package)) == 40 and git_uncommitted(package) == []
+    (tmp_path / "metadist/algo.py").write_text("b\n")
+    (tmp_path / "configs/row.yaml").write_text("b\n")
+    (tmp_path / "README.md").write_text("b\n")  # not the code: not listed
+    (tmp_path / "metadist/new.py").write_text("b\n")  # untracked: never imported by a run
+    assert git_uncommitted(package) == ["configs/row.yaml", "metadist/algo.py"]
+    outside = tmp_path.parent / f"{tmp_path.name}-no-git"
+    outside.mkdir()
+    assert git_commit(outside) == "unknown" and git_uncommitted(outside) == []
