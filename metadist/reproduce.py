@@ -127,6 +127,9 @@ def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS
 
     config = row_config(row, budget, overrides)
     queries = paper_queries(row, config.data.shots)
+    # Read before training, as the run's MLflow tags are: the code that ran is the code at
+    # the start, whatever is edited while a long row trains.
+    code = {"commit": git_commit(), "uncommitted": git_uncommitted()}
     started = time.perf_counter()
     result = tracked_training(config, tags={"reproduce_table": row.table,
                                             "reproduce_row": row.id, "budget": budget})
@@ -137,7 +140,7 @@ def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS
         "config": str(row.config), "paper": row.paper,
         "paper_non_transductive": row.paper_non_transductive,
         "result": result, "wall_seconds": time.perf_counter() - started,
-        "machine": machine(), "code": {"commit": git_commit(), "uncommitted": git_uncommitted()},
+        "machine": machine(), "code": code,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "mlflow_run_id": result.get("mlflow_run_id"),
     }

@@ -104,7 +104,7 @@ def test_a_run_from_an_edited_tree_names_the_edited_files(tmp_path):
     (tmp_path / "metadist/algo.py").write_text("b\n")
     (tmp_path / "configs/row.yaml").write_text("b\n")
     (tmp_path / "README.md").write_text("b\n")  # not the code: not listed
-    (tmp_path / "metadist/new.py").write_text("b\n")  # untracked: never imported by a run
+    (tmp_path / "metadist/new.py").write_text("b\n")  # untracked: imported only by listed edits
     assert git_uncommitted(package) == ["configs/row.yaml", "metadist/algo.py"]
     outside = tmp_path.parent / f"{tmp_path.name}-no-git"
     outside.mkdir()
