@@ -11,6 +11,7 @@ from pathlib import Path
 from metadist.cluster import ClusterError, add_cluster_commands
 from metadist.config import ConfigError, uses_ray
 from metadist.jobs import add_job_commands
+from metadist.signals import sigterm_unwinds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     from metadist.tracking import TrackingError
 
     try:
-        return args.func(args)
+        with sigterm_unwinds():
+            return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrackingError,
             ClusterError) as err:
         print(f"metadist: error: {err}", file=sys.stderr)

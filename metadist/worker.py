@@ -20,6 +20,7 @@ import torch._dynamo  # noqa: F401  (before the process group: see main)
 import torch.distributed as dist
 
 from metadist.config import load_config
+from metadist.signals import sigterm_unwinds
 from metadist.train import train
 
 
@@ -61,4 +62,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_unwinds():
+        main()

@@ -1,11 +1,13 @@
 """An MLflow server lost in the middle of a run: training goes on, the user is told, and
-the metrics logged while it was away reach it once it is back; and runs started together
-on a fresh local store."""
+the metrics logged while it was away reach it once it is back; runs started together on a
+fresh local store; the code state a run names; a terminated run ends KILLED."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -109,3 +111,36 @@ def test_a_run_from_an_edited_tree_names_the_edited_files(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}-no-git"
     outside.mkdir()
     assert git_commit(outside) == "unknown" and git_uncommitted(outside) == []
+
+
+@pytest.mark.parametrize("entry", [["metadist.cli", "train"], ["metadist.worker"]],
+                         ids=["metadist train", "python -m metadist.worker"])
+def test_a_terminated_training_ends_its_mlflow_run_as_killed(tmp_path, entry):
+    # A scheduler's preemption, `kill`, torchrun stopping a failed group and `ray job stop`
+    # send SIGTERM; by default it ends the process with no cleanup and the run would show
+    # RUNNING in MLflow forever.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *entry, str(ROOT / "configs" / "sinusoid_maml.yaml"),
+         "train.steps=1000000", "train.log_every=1", "train.val_every=0",
+         "train.checkpoint_every=0", "train.progress=false", f"train.output_dir={tmp_path}",
+         f"tracking.tracking_uri={uri}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = mlflow.MlflowClient(uri)
+        deadline = time.monotonic() + 180
+        runs = []
+        while not (runs and runs[0].data.metrics.get("train_loss") is not None):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never logged a step"
+            time.sleep(1)
+            experiment = client.get_experiment_by_name("metadist")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    run = client.get_run(runs[0].info.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.metrics["train_loss"] > 0
