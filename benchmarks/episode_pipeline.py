@@ -34,6 +34,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from metadist.pipeline import EpisodePipeline  # noqa: E402
+from metadist.reproduce import machine as reproduce_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -110,15 +111,11 @@ def maml_rate(data: Path, steps: int, threads: int) -> float:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    """metadist.reproduce.machine() (the CPU and its instruction sets, as records name
+    them) and what bears on the pipeline's rates."""
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": int(mem) / 2**20,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "nice": os.nice(0)}
+    return {**reproduce_machine(), "mem_gb": int(mem) / 2**20,
+            "python": platform.python_version(), "ray": ray.__version__, "nice": os.nice(0)}
 
 
 def load() -> str:
@@ -185,7 +182,8 @@ def render(rows, rates, mini_how, info, load_before, load_after, total, args) ->
     lines = [
         "# Episode pipeline throughput (Ray actors)",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gb']:.0f} GB; Python "
+        f"Machine: {info['cpu_model']}, {info['cpus']} cores, {info['mem_gb']:.0f} GB "
+        f"({info['cpu_isa']}); Python "
         f"{info['python']}, torch {info['torch']}, ray {info['ray']}; benchmark at nice "
         f"{info['nice']}; `ray.init(num_cpus=2)`, actors of 0.25 logical CPU, "
         f"1 torch thread each, prefetch {args.prefetch}. Run took {total:.0f} s.",
