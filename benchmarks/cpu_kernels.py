@@ -1,6 +1,6 @@
 """How far a run moves when only the CPU's vector kernels change.
 
-A seeded run repeats bit for bit on one machine (tests/test_determinism.py), yet re-runs of
+A seeded run repeats bit for bit on one machine (tests/test_train.py), yet re-runs of
 reproduce rows recorded on other machines moved by up to ~1.9 confidence intervals. Which
 kernels torch, oneDNN and MKL pick depends on the CPU's instruction sets, and each choice
 rounds differently. Their environment switches stand in for another CPU here:
@@ -40,21 +40,19 @@ import torch
 
 from metadist.reproduce import load_rows, machine
 
-VARIANTS: dict[str, dict[str, str]] = {
-    "default": {},
-    "default again": {},
-    "torch AVX2": {"ATEN_CPU_CAPABILITY": "avx2"},
-    "oneDNN AVX-512 (no AMX/VNNI)": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
-    "oneDNN AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "MKL AVX-512": {"MKL_ENABLE_INSTRUCTIONS": "AVX512"},
-    "MKL AVX2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "all AVX2 (an AVX2-only CPU)": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+# --variants name: (table label, environment switches)
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "default": ("default", {}),
+    "again": ("default again", {}),
+    "aten-avx2": ("torch AVX2", {"ATEN_CPU_CAPABILITY": "avx2"}),
+    "onednn-avx512": ("oneDNN AVX-512 (no AMX/VNNI)", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}),
+    "onednn-avx2": ("oneDNN AVX2", {"ONEDNN_MAX_CPU_ISA": "AVX2"}),
+    "mkl-avx512": ("MKL AVX-512", {"MKL_ENABLE_INSTRUCTIONS": "AVX512"}),
+    "mkl-avx2": ("MKL AVX2", {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+    "avx2": ("all AVX2 (an AVX2-only CPU)", {"ATEN_CPU_CAPABILITY": "avx2",
+                                             "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
 }
-SHORT = {"default": "default", "again": "default again", "aten-avx2": "torch AVX2",
-         "onednn-avx512": "oneDNN AVX-512 (no AMX/VNNI)", "onednn-avx2": "oneDNN AVX2",
-         "mkl-avx512": "MKL AVX-512", "mkl-avx2": "MKL AVX2",
-         "avx2": "all AVX2 (an AVX2-only CPU)"}
 SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
@@ -86,8 +84,8 @@ def main() -> None:
     ap.add_argument("--row", required=True, help="a reproduce row id")
     ap.add_argument("--steps", type=int, help="meta-steps (default: the row's CPU budget)")
     ap.add_argument("--test", action="store_true", help="also meta-test every variant")
-    ap.add_argument("--variants", default=",".join(SHORT),
-                    help=f"comma-separated, from {list(SHORT)}; the first is the reference")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, from {list(VARIANTS)}; the first is the reference")
     ap.add_argument("--keep", type=Path, help="keep the runs here (default: a temp dir)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="variants trained at once (one torch thread each)")
@@ -96,9 +94,9 @@ def main() -> None:
     rows = {r.id: r for t in load_rows().values() for r in t}
     if args.row not in rows:
         raise SystemExit(f"--row {args.row!r} is not a reproduce row; one of {sorted(rows)}")
-    unknown = [v for v in args.variants.split(",") if v not in SHORT]
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; known: {list(SHORT)}")
+        raise SystemExit(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     row = rows[args.row]
     overrides = [*row.overrides, *row.budget["cpu"],
                  *([f"train.steps={args.steps}"] if args.steps else []),
@@ -108,10 +106,10 @@ def main() -> None:
     out = args.keep or Path(tempfile.mkdtemp(prefix="cpu_kernels-"))
 
     def one(short: str) -> tuple:
-        name = SHORT[short]
-        seconds = train(str(row.config), overrides, VARIANTS[name], out / short)
+        name, env = VARIANTS[short]
+        seconds = train(str(row.config), overrides, env, out / short)
         print(f"{name}: {seconds:.0f} s", file=sys.stderr, flush=True)
-        return name, VARIANTS[name], out / short, seconds, json.loads(
+        return name, env, out / short, seconds, json.loads(
             (out / short / "result.json").read_text())
 
     with ThreadPoolExecutor(args.jobs) as pool:
