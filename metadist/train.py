@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -31,6 +32,7 @@ from metadist.data.streams import episode_batch, open_streams
 from metadist.distributed import all_reduce_sum, broadcast_from_rank0, rank_and_world, shard_bounds
 from metadist.evaluate import episode_scores, summarize
 from metadist.models import build_model, check_params, model_spec
+from metadist.signals import TERMINATED, sigterm_deferred
 
 
 class NullTracker:
@@ -166,55 +168,69 @@ def train(
                disable=not cfg.train.progress or rank != 0, desc=cfg.name, dynamic_ncols=True)
     tasks_seen, waited, t_start = 0, 0.0, time.perf_counter()
     last_val: dict[str, Any] | None = None
-    for step in bar:
-        t_fetch = time.perf_counter()
-        batch, order = batch_at(step)
-        waited += time.perf_counter() - t_fetch
-        with autocast():
-            grads, sums = meta_gradient(
-                model, params, batch, meta_step, inner_loop=inner_loop, chunk=cfg.train.chunk,
-                order=order, carried=carried,
-            )
-        stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0]])
-        moments = [] if carried is None else carried.pending_tensors()
-        *reduced, stats = all_reduce_sum([grads[k] for k in params] + moments + [stats])
-        n_tasks = stats[2].item()
-        for p, g in zip(params.values(), reduced):
-            p.grad = g / n_tasks
-        if carried is not None:
-            carried.advance(reduced[len(params):], n_tasks, meta_step.inner_steps)
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        tasks_seen += n_tasks
+    # A SIGTERM (preemption) ends the loop after the step in flight, checkpointed; every
+    # rank learns of it in the step's all-reduce, so all stop after the same step.
+    with sigterm_deferred() as stop_requested:
+        for step in bar:
+            t_fetch = time.perf_counter()
+            batch, order = batch_at(step)
+            waited += time.perf_counter() - t_fetch
+            with autocast():
+                grads, sums = meta_gradient(
+                    model, params, batch, meta_step, inner_loop=inner_loop,
+                    chunk=cfg.train.chunk, order=order, carried=carried,
+                )
+            stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0],
+                                  float(stop_requested())])
+            moments = [] if carried is None else carried.pending_tensors()
+            *reduced, stats = all_reduce_sum([grads[k] for k in params] + moments + [stats])
+            n_tasks = stats[2].item()
+            for p, g in zip(params.values(), reduced):
+                p.grad = g / n_tasks
+            if carried is not None:
+                carried.advance(reduced[len(params):], n_tasks, meta_step.inner_steps)
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            tasks_seen += n_tasks
 
-        done = step + 1
-        record = {"step": done, "train_loss": stats[0].item() / n_tasks,
-                  "elapsed_s": time.perf_counter() - t_start}
-        if schedule is not None:
-            record["outer_lr"] = optimizer.param_groups[0]["lr"]
-        if not batch.query_y.is_floating_point():
-            record["train_accuracy"] = stats[1].item() / n_tasks
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            record["tasks_per_s"] = tasks_seen / record["elapsed_s"]
-            record["data_wait_fraction"] = waited / record["elapsed_s"]
-            tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
-        if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
-            val = last_val = evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
-            record["val_" + val["metric"]] = val["mean"]
-            record["val_" + val["metric"] + "_ci95"] = val["ci95"]
-            tracker.log_metrics({k: v for k, v in record.items() if k.startswith("val_")}, done)
-            if rank == 0:
-                bar.write(f"step {done}: val {val['metric']} {val['mean']:.4f} "
-                          f"± {val['ci95']:.4f}")
-        history.append(record)
-        checkpointed = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0
-        path = checkpoint(done, f"step-{done:07d}.pt") if checkpointed else None
-        validated = any(k.startswith("val_") for k in record)
-        # The last step is reported once, with the final checkpoint, below.
-        if report is not None and (validated or checkpointed) and done < cfg.train.steps:
-            report(record, path)
+            done = step + 1
+            record = {"step": done, "train_loss": stats[0].item() / n_tasks,
+                      "elapsed_s": time.perf_counter() - t_start}
+            if schedule is not None:
+                record["outer_lr"] = optimizer.param_groups[0]["lr"]
+            if not batch.query_y.is_floating_point():
+                record["train_accuracy"] = stats[1].item() / n_tasks
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                record["tasks_per_s"] = tasks_seen / record["elapsed_s"]
+                record["data_wait_fraction"] = waited / record["elapsed_s"]
+                tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
+            if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
+                val = last_val = evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
+                record["val_" + val["metric"]] = val["mean"]
+                record["val_" + val["metric"] + "_ci95"] = val["ci95"]
+                tracker.log_metrics({k: v for k, v in record.items() if k.startswith("val_")},
+                                    done)
+                if rank == 0:
+                    bar.write(f"step {done}: val {val['metric']} {val['mean']:.4f} "
+                              f"± {val['ci95']:.4f}")
+            history.append(record)
+            checkpointed = (bool(cfg.train.checkpoint_every)
+                            and done % cfg.train.checkpoint_every == 0)
+            path = checkpoint(done, f"step-{done:07d}.pt") if checkpointed else None
+            validated = any(k.startswith("val_") for k in record)
+            # The last step is reported once, with the final checkpoint, below.
+            if report is not None and (validated or checkpointed) and done < cfg.train.steps:
+                report(record, path)
+            if stats[3].item() > 0:
+                bar.close()
+                if not checkpointed:
+                    path = checkpoint(done, f"step-{done:07d}.pt")
+                if rank == 0:
+                    print(f"SIGTERM: stopped after step {done} of {cfg.train.steps}; continue "
+                          f"with resume={path}", file=sys.stderr, flush=True)
+                raise SystemExit(TERMINATED)
     bar.close()
     train_seconds = time.perf_counter() - t_start
 

@@ -102,3 +102,50 @@ def test_a_worker_frees_its_process_group_before_the_interpreter_exits(tmp_path)
         # Each rank writes its own file: the ranks' stdout interleave under torchrun.
         threads = (tmp_path / f"run.threads.{rank}").read_text()
         assert "python" in threads and "gloo" not in threads, (rank, threads)
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """torchrun ranks see a preemption's SIGTERM at different moments, or (here) only one
+    of them does; a rank that stopped alone would leave the others waiting in the
+    all-reduce. The stop travels in the step's all-reduce: every rank ends after step 4,
+    rank 0 writes its checkpoint, and all exit with SIGTERM's status."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, signal, sys\n"
+        "import metadist.train, metadist.worker\n"
+        "real, calls = metadist.train.meta_gradient, []\n"
+        "def meta_gradient(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(calls) == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*args, **kwargs)\n"
+        "metadist.train.meta_gradient = meta_gradient\n"
+        "out = sys.argv[sys.argv.index('--run-dir') + 1] + '.exit.' + os.environ['RANK']\n"
+        "try:\n"
+        "    metadist.worker.main(sys.argv[1:])\n"
+        "    code = 0\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "open(out, 'w').write(f'{code} {len(calls)}')\n"
+        "sys.exit(code)\n"
+    )
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+         str(probe), "configs/sinusoid_maml.yaml", "tracking.enabled=false",
+         "train.progress=false", "train.val_every=0", "train.steps=1000",
+         "train.checkpoint_every=0", "train.inner_loop=loop", "train.threads=1",
+         "--run-dir", str(run_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    for rank in (0, 1):
+        assert (tmp_path / f"run.exit.{rank}").read_text() == f"{128 + signal.SIGTERM} 4", \
+            out.stderr[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-0000004.pt"]
+    assert load_checkpoint(run_dir / "checkpoints" / "step-0000004.pt")["step"] == 4

@@ -60,6 +60,47 @@ def test_resume_continues_the_identical_trajectory(tmp_path, algorithm):
     assert resumed["mean"] == full["mean"]
 
 
+def test_a_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_to_resume(
+        tmp_path, monkeypatch, capsys):
+    # A preempted job gets SIGTERM; the steps since the last periodic checkpoint must not be
+    # lost. The signal arrives in the middle of step 7 (inside its meta-gradient).
+    import os
+    import signal
+
+    import metadist.train
+
+    real, calls = metadist.train.meta_gradient, []
+
+    def meta_gradient(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    extra = ["algorithm.name=reptile", "algorithm.outer_optimizer=sgd",
+             "algorithm.outer_lr=0.5", "data.train_shots=12", "algorithm.inner_batch=4",
+             "algorithm.inner_optimizer=adam", "algorithm.inner_state=carried",
+             "algorithm.outer_lr_final=0.0", "train.inner_loop=loop", "train.steps=12",
+             "train.checkpoint_every=5"]
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(metadist.train, "meta_gradient", meta_gradient)
+    with pytest.raises(SystemExit) as stopped:
+        train(sinusoid(tmp_path / "a", *extra))
+    monkeypatch.undo()
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 7
+    assert signal.getsignal(signal.SIGTERM) == before
+    ckpt = next((tmp_path / "a" / "runs").glob("*/checkpoints/step-0000007.pt"))
+    assert f"stopped after step 7 of 12; continue with resume={ckpt}" in capsys.readouterr().err
+    assert load_checkpoint(ckpt)["step"] == 7 and len(load_checkpoint(ckpt)["history"]) == 7
+
+    resumed = train(sinusoid(tmp_path / "b", *extra), resume=ckpt)
+    full = train(sinusoid(tmp_path / "c", *extra))
+    a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    for k in a["params"]:
+        torch.testing.assert_close(a["params"][k], b["params"][k], rtol=0, atol=0)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
 def test_a_carried_inner_state_is_checkpointed_and_evaluated_from(tmp_path):
     from metadist.evaluate import evaluate_checkpoint
 
