@@ -192,6 +192,18 @@ class MLflowTracker:
         self.log_artifact(result["checkpoint"], "checkpoints")
 
 
+    def log_stop(self, step: int, checkpoint: Path) -> None:
+        """A run stopped before its end (SIGTERM) names the checkpoint to resume from, and
+        keeps a copy with the run: a preempted node may take its run directory with it."""
+        try:
+            self.mlflow.set_tags({"stopped_after_step": step,
+                                  "resume_checkpoint": str(checkpoint)})
+        except Exception as err:
+            warnings.warn(f"MLflow run {self.run_id}: could not tag the stop ({err})",
+                          stacklevel=2)
+        self.log_artifact(checkpoint, "checkpoints")
+
+
 def run_params(config: Config) -> dict[str, str]:
     """The flattened config as MLflow params; the ``tune`` section belongs to sweeps."""
     return {k: str(v) for k, v in flatten(config).items() if not k.startswith("tune.")}

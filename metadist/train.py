@@ -42,6 +42,8 @@ class NullTracker:
 
     def log_result(self, result: dict[str, Any], history: list[dict[str, float]]) -> None: ...
 
+    def log_stop(self, step: int, checkpoint: Path) -> None: ...
+
 
 def train(
     config: Config,
@@ -230,6 +232,7 @@ def train(
                 if rank == 0:
                     print(f"SIGTERM: stopped after step {done} of {cfg.train.steps}; continue "
                           f"with resume={path}", file=sys.stderr, flush=True)
+                    tracker.log_stop(done, path)
                 raise SystemExit(TERMINATED)
     bar.close()
     train_seconds = time.perf_counter() - t_start

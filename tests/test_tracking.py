@@ -150,3 +150,7 @@ def test_a_terminated_training_ends_its_mlflow_run_as_killed(tmp_path, entry):
     # ... and after the step in flight, which is checkpointed (checkpoint_every=0 above).
     [checkpoint] = tmp_path.glob("*/checkpoints/step-*.pt")
     assert f"continue with resume={checkpoint}" in err
+    assert run.data.tags["resume_checkpoint"] == str(checkpoint)
+    assert run.data.tags["stopped_after_step"] == str(int(checkpoint.stem.split("-")[1]))
+    logged = client.list_artifacts(run.info.run_id, "checkpoints")
+    assert [a.path for a in logged] == [f"checkpoints/{checkpoint.name}"]

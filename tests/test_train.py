@@ -101,6 +101,27 @@ def test_a_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_to_resume(
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
 
+def test_a_second_sigterm_does_not_wait_for_the_step(tmp_path, monkeypatch):
+    # For a grace period shorter than a step: the second signal unwinds at once.
+    import os
+    import signal
+
+    import metadist.train
+
+    def meta_gradient(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the second SIGTERM did not unwind")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(metadist.train, "meta_gradient", meta_gradient)
+    with pytest.raises(SystemExit) as stopped:
+        train(sinusoid(tmp_path, "train.inner_loop=loop", "train.checkpoint_every=1"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not list(tmp_path.glob("runs/*/checkpoints/*.pt"))
+
+
 def test_a_carried_inner_state_is_checkpointed_and_evaluated_from(tmp_path):
     from metadist.evaluate import evaluate_checkpoint
 
