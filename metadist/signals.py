@@ -55,7 +55,10 @@ def sigterm_deferred() -> Iterator[Callable[[], bool]]:
     checkpoints go to Ray)."""
     received: list[int] = []
     current = signal.getsignal(signal.SIGTERM) if _can_install() else None
-    if current not in (signal.SIG_DFL, _exit):
+    # ray.init's handler only exits at once (sys.exit), which this does after the step; and
+    # after ray.shutdown it is Python's record only: the process has SIG_DFL again.
+    ray = (getattr(current, "__module__", None) or "").startswith("ray.")
+    if current not in (signal.SIG_DFL, _exit) and not ray:
         yield lambda: False
         return
 

@@ -125,3 +125,23 @@ def run_workers(nproc: int, args: list[str], run_dir: Path) -> dict:
     """``metadist.worker`` on ``nproc`` torchrun ranks: its result."""
     run_torchrun(nproc, ["-m", "metadist.worker"], args, run_dir)
     return json.loads((run_dir / "result.json").read_text())
+
+
+def sigterm_after_first_step(client, proc: subprocess.Popen, timeout: float,
+                             exit_timeout: float) -> tuple[str, str]:
+    """SIGTERM to the training ``proc`` once its MLflow run (experiment ``metadist``) has
+    logged a step: that run's id and the process's stderr. Fails if ``proc`` ends or
+    ``timeout`` seconds pass first."""
+    deadline, runs = time.monotonic() + timeout, []
+    try:
+        while not (runs and runs[0].data.metrics.get("train_loss") is not None):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never logged a step"
+            time.sleep(1)
+            experiment = client.get_experiment_by_name("metadist")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=exit_timeout)
+    finally:
+        proc.kill()
+    return runs[0].info.run_id, err

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_workers
+from conftest import run_workers, sigterm_after_first_step
 
 from metadist.checkpoint import load_checkpoint
 from metadist.config import load_config
@@ -107,3 +107,22 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(tmp_path):
     for k, v in load_checkpoint(clean["checkpoint"])["params"].items():
         torch.testing.assert_close(restarted[k], v, rtol=0, atol=0)
     assert clean["mean"] == result["mean"]
+
+
+def test_a_terminated_ray_train_run_ends_its_mlflow_run_as_killed(tmp_path):
+    # `ray job stop` or a preempted head node: the driver, waiting in Ray Train's fit,
+    # unwinds and ends the MLflow run KILLED instead of leaving it RUNNING. (Its exit status
+    # is Ray's: 1, whatever the SystemExit said.)
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.search_experiments()  # the store's tables exist before the run polls them
+    proc = metadist(
+        "train", str(ROOT / "configs" / "sinusoid_maml.yaml"), "workers=2",
+        "train.steps=1000000", "train.log_every=1", "train.val_every=0",
+        "train.checkpoint_every=0", "train.progress=false", "train.threads=1",
+        f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}", cwd=tmp_path)
+    run_id, err = sigterm_after_first_step(client, proc, timeout=300, exit_timeout=120)
+    assert proc.returncode != 0, err[-3000:]
+    assert client.get_run(run_id).info.status == "KILLED"

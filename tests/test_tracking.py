@@ -7,12 +7,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import free_port, start_mlflow_server, stop_mlflow_server
+from conftest import free_port, sigterm_after_first_step, start_mlflow_server, stop_mlflow_server
 
 from metadist.config import load_config
 from metadist.tracking import MLflowTracker, git_commit, git_uncommitted
@@ -130,21 +129,9 @@ def test_a_terminated_training_ends_its_mlflow_run_as_killed(tmp_path, entry):
          "train.checkpoint_every=0", "train.progress=false", f"train.output_dir={tmp_path}",
          f"tracking.tracking_uri={uri}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        runs = []
-        while not (runs and runs[0].data.metrics.get("train_loss") is not None):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "training never logged a step"
-            time.sleep(1)
-            experiment = client.get_experiment_by_name("metadist")
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    run_id, err = sigterm_after_first_step(client, proc, timeout=180, exit_timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    run = client.get_run(runs[0].info.run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert run.data.metrics["train_loss"] > 0
     # ... and after the step in flight, which is checkpointed (checkpoint_every=0 above).

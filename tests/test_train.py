@@ -11,6 +11,7 @@ import torch
 from metadist.checkpoint import load_checkpoint
 from metadist.cli import main
 from metadist.config import load_config
+from metadist.signals import sigterm_unwinds
 from metadist.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_a_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_to_resume(
              "train.checkpoint_every=5"]
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(metadist.train, "meta_gradient", meta_gradient)
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(SystemExit) as stopped, sigterm_unwinds():  # as `metadist train`
         train(sinusoid(tmp_path / "a", *extra))
     monkeypatch.undo()
     assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 7
@@ -115,7 +116,7 @@ def test_a_second_sigterm_does_not_wait_for_the_step(tmp_path, monkeypatch):
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(metadist.train, "meta_gradient", meta_gradient)
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(SystemExit) as stopped, sigterm_unwinds():
         train(sinusoid(tmp_path, "train.inner_loop=loop", "train.checkpoint_every=1"))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
