@@ -191,7 +191,6 @@ class MLflowTracker:
             self.log_artifact(plot)
         self.log_artifact(result["checkpoint"], "checkpoints")
 
-
     def log_stop(self, step: int, checkpoint: Path) -> None:
         """A run stopped before its end (SIGTERM) names the checkpoint to resume from, and
         keeps a copy with the run: a preempted node may take its run directory with it."""
