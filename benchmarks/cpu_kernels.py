@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from metadist.checkpoint import load_checkpoint
 from metadist.reproduce import load_rows, machine
 
 # --variants name: (table label, environment switches)
@@ -66,8 +67,7 @@ def train(config: str, overrides: list[str], env: dict[str, str], run_dir: Path)
 
 
 def params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "final.pt", map_location="cpu",
-                      weights_only=False)["params"]
+    return load_checkpoint(run_dir / "checkpoints" / "final.pt")["params"]
 
 
 def compare(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict:

@@ -109,10 +109,7 @@ def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     of them does; a rank that stopped alone would leave the others waiting in the
     all-reduce. The stop travels in the step's all-reduce: every rank ends after step 4,
     rank 0 writes its checkpoint, and all exit with SIGTERM's status."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -135,14 +132,11 @@ def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
         "sys.exit(code)\n"
     )
     run_dir = tmp_path / "run"
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-         str(probe), "configs/sinusoid_maml.yaml", "tracking.enabled=false",
-         "train.progress=false", "train.val_every=0", "train.steps=1000",
-         "train.checkpoint_every=0", "train.inner_loop=loop", "train.threads=1",
-         "--run-dir", str(run_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = run_torchrun(2, [str(probe)], [
+        "configs/sinusoid_maml.yaml", "tracking.enabled=false", "train.progress=false",
+        "train.val_every=0", "train.steps=1000", "train.checkpoint_every=0",
+        "train.inner_loop=loop", "train.threads=1",
+    ], run_dir, timeout=300, check=False)
     assert out.returncode != 0
     for rank in (0, 1):
         assert (tmp_path / f"run.exit.{rank}").read_text() == f"{128 + signal.SIGTERM} 4", \
