@@ -10,9 +10,9 @@ with 1 and 2 actors (0.25 logical CPU each), side by side in one run:
 - warm: a second pass over the same meta-batches (every class cached).
 
 The driver only calls ``get`` (no training), so the rates are what the pipeline can
-deliver, to be compared with what a trainer consumes (``--omniglot-rates``; the
-miniImageNet MAML rate is measured here on a few meta-steps of the shipped config unless
-``--mini-rate`` is given). On a 2-core machine actors and trainer share the cores.
+deliver, to be compared with what a trainer consumes: second-order MAML's meta-gradients
+on the shipped configs (``TRAINERS``), measured in the same run with no pipeline running.
+On a 2-core machine actors and trainer share the cores.
 
     nice -n 10 python benchmarks/episode_pipeline.py [--steps 10] [--mini-steps 40]
 
@@ -38,6 +38,14 @@ from metadist.reproduce import machine as reproduce_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+# What meta-training consumes, per dataset: (name, config, overrides).
+TRAINERS = {
+    "Omniglot": [
+        ("maml stride-2 Conv4-64 (config)", "configs/omniglot_5w1s_maml.yaml", []),
+        ("maml max-pool Conv4-64", "configs/omniglot_5w1s_maml.yaml", ["model.pool=max"]),
+    ],
+    "miniImageNet": [("maml Conv4-32 (config)", "configs/miniimagenet_5w1s_maml.yaml", [])],
+}
 
 
 def dataset(name: str, path: Path) -> Path:
@@ -89,25 +97,29 @@ def measure(split: Path, *, actors: int, meta_batch: int, steps: int, prefetch: 
     }
 
 
-def maml_rate(data: Path, steps: int, threads: int) -> float:
-    """Tasks/s of second-order MAML, configs/miniimagenet_5w1s_maml.yaml, loop path."""
+def consumption(config: Path, overrides: list[str], steps: int, threads: int) -> float:
+    """Tasks/s the config's meta-training consumes: ``steps`` meta-gradients of one full
+    meta-batch (loop path, the optimiser step left out), episodes built in-process
+    beforehand so that no data work is timed."""
     from metadist.algorithms import MetaStep, meta_gradient
-    from metadist.data import ClassStore, EpisodeSampler
-    from metadist.models import Conv4
+    from metadist.config import load_config
+    from metadist.data.streams import episode_batch, open_streams
+    from metadist.models import build_model
 
     torch.set_num_threads(threads)
-    sampler = EpisodeSampler(ClassStore(data / "train", verify=False), ways=5, shots=1,
-                             queries=15, seed=0)
-    model = Conv4(ways=5, in_channels=3, hidden=32, image_size=84, pool="max",
-                  readout="flatten")
+    cfg = load_config(config, overrides)
+    streams = open_streams(cfg.data, train_seed=0, eval_seed=0)
+    model = build_model(cfg.model, ways=cfg.data.ways, in_channels=streams.in_channels,
+                        image_size=streams.image_size)
     params = {k: v.requires_grad_() for k, v in model.init_params().items()}
-    step = MetaStep("maml", inner_lr=0.01, inner_steps=5)
-    meta_gradient(model, params, sampler.meta_batch(0, 1), step)  # warm-up
-    batch = sampler.meta_batch(1, 4)
+    step = MetaStep.from_config(cfg.algorithm)
+    tasks = cfg.algorithm.meta_batch_size
+    meta_gradient(model, params, episode_batch(streams.train, 0, 1), step)  # warm-up
+    batch = episode_batch(streams.train, 1, 1 + tasks)
     t0 = time.perf_counter()
     for _ in range(steps):
         meta_gradient(model, params, batch, step)
-    return 4 * steps / (time.perf_counter() - t0)
+    return tasks * steps / (time.perf_counter() - t0)
 
 
 def machine() -> dict:
@@ -132,13 +144,10 @@ def main() -> None:
     parser.add_argument("--mini-meta-batch", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--actors", default="1,2")
-    parser.add_argument("--omniglot-rates", default="maml stride Conv4=35,maml max-pool Conv4=12",
-                        help="what training consumes, tasks/s: name=rate,...")
-    parser.add_argument("--mini-rate", type=float, default=None,
-                        help="miniImageNet MAML tasks/s (default: measure)")
-    parser.add_argument("--mini-rate-steps", type=int, default=1)
+    parser.add_argument("--rate-steps", type=int, default=2,
+                        help="meta-steps timed per consumption rate")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads for the MAML rate measurement")
+                        help="torch threads for the consumption rates")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "episode_pipeline.md")
     args = parser.parse_args()
@@ -162,22 +171,23 @@ def main() -> None:
                       f" cold {row['cold']:.0f} ep/s, warm {row['warm']:.0f} ep/s", flush=True)
     finally:
         ray.shutdown()
-    mini_rate, mini_how = args.mini_rate, "given"
-    if mini_rate is None:
-        mini_rate = maml_rate(mini, args.mini_rate_steps, args.threads)
-        mini_how = (f"measured here: {args.mini_rate_steps} meta-step(s) of 4 tasks, loop path, "
-                    f"{args.threads} torch threads, nice {os.nice(0)}, no pipeline running")
-    rates = {"Omniglot": [(k.strip(), float(v)) for k, v in
-                          (item.split("=") for item in args.omniglot_rates.split(","))],
-             "miniImageNet": [("maml Conv4-32 (config)", mini_rate)]}
+    paths = {"Omniglot": omniglot, "miniImageNet": mini}
+    rates = {
+        name: [(trainer, consumption(ROOT / config, [*overrides, f"data.dataset={paths[name]}"],
+                                     args.rate_steps, args.threads))
+               for trainer, config, overrides in trainers]
+        for name, trainers in TRAINERS.items()
+    }
+    how = (f"{args.rate_steps} meta-gradient(s) of one full meta-batch each, loop path, "
+           f"{args.threads} torch threads, nice {os.nice(0)}, no pipeline running")
     total = time.perf_counter() - t_start
-    table = render(rows, rates, mini_how, machine(), load_before, load(), total, args)
+    table = render(rows, rates, how, machine(), load_before, load(), total, args)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
 
 
-def render(rows, rates, mini_how, info, load_before, load_after, total, args) -> str:
+def render(rows, rates, how, info, load_before, load_after, total, args) -> str:
     busy = float(load_before.rsplit(":", 1)[1].split(",")[0]) > 1.0
     lines = [
         "# Episode pipeline throughput (Ray actors)",
@@ -233,8 +243,7 @@ def render(rows, rates, mini_how, info, load_before, load_after, total, args) ->
             )
     lines += [
         "",
-        f"Consumption rates: Omniglot given (`--omniglot-rates`, measured earlier on this "
-        f"machine); miniImageNet {mini_how}.",
+        f"Consumption rates, measured in this run: {how}.",
         "",
     ]
     return "\n".join(lines)
