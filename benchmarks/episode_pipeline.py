@@ -7,7 +7,11 @@ with 1 and 2 actors (0.25 logical CPU each), side by side in one run:
 - cold: the first pass over ``--steps`` meta-batches with fresh actors, timed from the
   moment the first actor was ready (its process start is the "first batch" column);
   every class an episode needs is decoded on first use, per actor;
-- warm: a second pass over the same meta-batches (every class cached).
+- warm: a second pass over the same meta-batches (every class cached);
+- with a decode cache (``data.decode_cache``, a directory in /dev/shm here): fresh actors
+  on an empty cache (they fill it), then fresh actors again on the filled cache (a new
+  run or a sweep's next trial), each row's actors' private (anonymous) and file-backed
+  resident memory read from /proc after its warm pass.
 
 The driver only calls ``get`` (no training), so the rates are what the pipeline can
 deliver, to be compared with what a trainer consumes: second-order MAML's meta-gradients
@@ -24,7 +28,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,12 +69,14 @@ def dataset(name: str, path: Path) -> Path:
     return path
 
 
-def measure(split: Path, *, actors: int, meta_batch: int, steps: int, prefetch: int) -> dict:
+def measure(split: Path, *, actors: int, meta_batch: int, steps: int, prefetch: int,
+            decode_cache: str | None = None) -> dict:
     """One pipeline: cold pass, then warm pass over the same ``steps`` meta-batches."""
     t0 = time.time()
     with EpisodePipeline(
         split, ways=5, shots=1, queries=15, seed=0, preprocessing=None,
         meta_batch_size=meta_batch, num_actors=actors, prefetch=prefetch, verify=False,
+        decode_cache=decode_cache,
     ) as pipe:
         first = None
         for step in range(steps):
@@ -83,6 +91,7 @@ def measure(split: Path, *, actors: int, meta_batch: int, steps: int, prefetch: 
         for step in range(steps):
             pipe.get(step)  # back to step 0: the same episodes, now from the cache
         warm = time.time() - w0
+        memory = [resident_mb(ray.get(a.pid.remote())) for a in pipe.actors]
     episodes = steps * meta_batch
     return {
         "actors": actors,
@@ -94,7 +103,16 @@ def measure(split: Path, *, actors: int, meta_batch: int, steps: int, prefetch: 
         "warm": episodes / warm,
         "cached": cached,
         "mb_per_batch": bytes_per_batch / 2**20,
+        "memory": memory,
     }
+
+
+def resident_mb(pid: int) -> tuple[float, float]:
+    """(private, file-backed) resident memory of a process, MB: decoded classes a process
+    holds itself are private; memory-mapped cache files are file-backed and shared."""
+    fields = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
 
 
 def consumption(config: Path, overrides: list[str], steps: int, threads: int) -> float:
@@ -144,6 +162,8 @@ def main() -> None:
     parser.add_argument("--mini-meta-batch", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--actors", default="1,2")
+    parser.add_argument("--cache-actors", type=int, default=2,
+                        help="actors of the decode-cache rows")
     parser.add_argument("--rate-steps", type=int, default=2,
                         help="meta-steps timed per consumption rate")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -162,13 +182,21 @@ def main() -> None:
         for name, data, mb, steps in (("Omniglot", omniglot, args.meta_batch, args.steps),
                                       ("miniImageNet", mini, args.mini_meta_batch,
                                        args.mini_steps)):
-            for actors in (int(a) for a in args.actors.split(",")):
-                row = measure(data / "train", actors=actors, meta_batch=mb, steps=steps,
-                              prefetch=args.prefetch)
-                row["dataset"] = name
-                rows.append(row)
-                print(f"{name:12s} {actors} actor(s): first batch {row['first_batch_s']:.1f} s,"
-                      f" cold {row['cold']:.0f} ep/s, warm {row['warm']:.0f} ep/s", flush=True)
+            cache = tempfile.mkdtemp(prefix="metadist-decoded-",
+                                     dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+            runs = [(int(a), None, "none") for a in args.actors.split(",")]
+            runs += [(args.cache_actors, cache, "empty"), (args.cache_actors, cache, "filled")]
+            try:
+                for actors, decode_cache, state in runs:
+                    row = measure(data / "train", actors=actors, meta_batch=mb, steps=steps,
+                                  prefetch=args.prefetch, decode_cache=decode_cache)
+                    row["dataset"], row["decode_cache"] = name, state
+                    rows.append(row)
+                    print(f"{name:12s} {actors} actor(s), decode cache {state}: first batch "
+                          f"{row['first_batch_s']:.1f} s, cold {row['cold']:.0f} ep/s, warm "
+                          f"{row['warm']:.0f} ep/s", flush=True)
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
     finally:
         ray.shutdown()
     paths = {"Omniglot": omniglot, "miniImageNet": mini}
@@ -215,30 +243,39 @@ def render(rows, rates, how, info, load_before, load_after, total, args) -> str:
         "actor being ready; *first batch*: pipeline construction to the first meta-batch "
         "(actor process start, store open, first decodes); *warm*: the same meta-batches "
         "again, all classes cached. ep/s = episodes (tasks) per second delivered to a driver "
-        "that does nothing else.",
+        "that does nothing else. *decode cache*: none (each actor decodes and keeps its "
+        "classes), empty (fresh actors fill a shared `data.decode_cache` directory in "
+        "/dev/shm), filled (fresh actors on the directory the row above filled). *actor "
+        "memory*: each actor's private / file-backed resident MB after the warm pass "
+        "(file-backed pages of the cache are shared by every actor on the node).",
         "",
-        "| dataset | actors | meta-batch | episodes/pass | MB/meta-batch | first batch (s) "
-        "| cold ep/s | warm ep/s | classes cached per actor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| dataset | actors | decode cache | meta-batch | episodes/pass | MB/meta-batch "
+        "| first batch (s) | cold ep/s | warm ep/s | classes cached per actor "
+        "| actor memory, private / file (MB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
+        memory = ", ".join(f"{a:.0f} / {f:.0f}" for a, f in r["memory"])
         lines.append(
-            f"| {r['dataset']} | {r['actors']} | {r['meta_batch']} | {r['episodes']} "
-            f"| {r['mb_per_batch']:.1f} | {r['first_batch_s']:.1f} | {r['cold']:.0f} "
-            f"| {r['warm']:.0f} | {', '.join(map(str, r['cached']))} |"
+            f"| {r['dataset']} | {r['actors']} | {r['decode_cache']} | {r['meta_batch']} "
+            f"| {r['episodes']} | {r['mb_per_batch']:.1f} | {r['first_batch_s']:.1f} "
+            f"| {r['cold']:.0f} | {r['warm']:.0f} | {', '.join(map(str, r['cached']))} "
+            f"| {memory} |"
         )
     lines += [
         "",
         "Against what meta-training consumes (tasks/s); ratio = pipeline rate / consumption "
         "(above 1: the pipeline keeps ahead, if it gets the CPU):",
         "",
-        "| dataset | trainer | consumes (tasks/s) | actors | cold ratio | warm ratio |",
-        "|---|---|---:|---:|---:|---:|",
+        "| dataset | trainer | consumes (tasks/s) | actors | decode cache | cold ratio "
+        "| warm ratio |",
+        "|---|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         for trainer, rate in rates[r["dataset"]]:
             lines.append(
                 f"| {r['dataset']} | {trainer} | {rate:.3g} | {r['actors']} "
+                f"| {r['decode_cache']} "
                 f"| {r['cold'] / rate:.1f} | {r['warm'] / rate:.1f} |"
             )
     lines += [

@@ -28,6 +28,10 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # A node-local directory where decoded classes are kept as memory-mapped .npy files,
+    # shared by every process on the node and by later runs; None: each process decodes
+    # and holds its own.
+    decode_cache: str | None = None
 
 
 @dataclass
@@ -211,8 +215,8 @@ def flatten(config: Config) -> dict[str, Any]:
 
 # Fields that name places on disk, relative to the working directory of the process that
 # reads them: a Tune trial or a job on the local cluster runs in another one.
-PATH_KEYS = ("data.dataset", "train.output_dir", "ray.storage_path", "resume",
-             "tune.storage_path")
+PATH_KEYS = ("data.dataset", "data.decode_cache", "train.output_dir", "ray.storage_path",
+             "resume", "tune.storage_path")
 
 
 def absolute_paths(config: Config) -> dict[str, str]:

@@ -71,13 +71,14 @@ class EpisodeActor:
         seed: int,
         verify: bool = False,
         max_cached_classes: int | None = None,
+        decode_cache: str | None = None,
     ) -> None:
         # Two torch threads per process on a 2-core machine make every small op crawl
         # under contention; the actors' parallelism is the pool, not threads.
         torch.set_num_threads(1)
         self.store = ClassStore(
             split_dir, image_size=image_size, channels=channels, verify=verify,
-            max_cached_classes=max_cached_classes,
+            max_cached_classes=max_cached_classes, decode_cache=decode_cache,
         )
         self.sampler = EpisodeSampler(
             self.store, ways=ways, shots=shots, queries=queries, seed=seed,
@@ -172,7 +173,9 @@ class EpisodePipeline:
     a small machine must not starve the trainer of Ray CPUs) build the batches, at most
     ``prefetch`` requests ahead. ``preprocessing`` fixes image size, channels and
     normalisation (None: the manifest's recommendation). ``verify`` checks the shards'
-    sha256 once, here. ``max_restarts`` bounds actor replacements over the pipeline's life.
+    sha256 once, here. ``decode_cache``: a node-local directory the actors share decoded
+    classes through (``ClassStore``); a replacement actor starts warm from it.
+    ``max_restarts`` bounds actor replacements over the pipeline's life.
 
     Use ``get(step)`` or iterate (an endless stream); ``close()`` or a ``with`` block ends
     the actors. ``stats()`` says how long the trainer waited for data. One consumer per
@@ -197,6 +200,7 @@ class EpisodePipeline:
         world_size: int = 1,
         verify: bool = True,
         max_cached_classes: int | None = None,
+        decode_cache: str | None = None,
         max_restarts: int = 10,
     ) -> None:
         for name, value, minimum in (
@@ -243,7 +247,7 @@ class EpisodePipeline:
             image_size=pre.image_size, channels=pre.channels, invert=pre.invert,
             mean=list(pre.mean), std=list(pre.std), ways=self.ways, shots=self.shots,
             queries=self.queries, seed=self.seed, verify=False,
-            max_cached_classes=max_cached_classes,
+            max_cached_classes=max_cached_classes, decode_cache=decode_cache,
         )
         n_actors = num_actors if self.hi > self.lo else 0  # an idle rank needs no actor
         self._actors = [self._new_actor() for _ in range(n_actors)]

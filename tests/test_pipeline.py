@@ -207,3 +207,21 @@ def test_backpressure(ray_session: None, split: Path, sampler: EpisodeSampler) -
             assert pipe.stats()["requests"] == step + 1 + 2
         assert ray.get(actor.stats.remote())["requests"] == 6 + 2
         assert pipe.stats()["max_in_flight"] == 2
+
+
+def test_actors_share_a_decode_cache(
+    ray_session: None, split: Path, sampler: EpisodeSampler, tmp_path: Path
+) -> None:
+    cache = tmp_path / "decoded"
+    with pipeline(split, num_actors=2, prefetch=2, decode_cache=str(cache)) as pipe:
+        for step in range(3):
+            assert_same(pipe.get(step), sampler.meta_batch(step, 4))
+    written = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
+    assert written  # the actors decoded into the shared directory
+    # Fresh actors (a new run, a sweep's next trial) read those files instead of decoding:
+    # a decoded class is always written, so unchanged files mean nothing was decoded.
+    # (Prefetched steps past 2 may add entries: only those already there must stay.)
+    with pipeline(split, num_actors=1, prefetch=2, decode_cache=str(cache)) as pipe:
+        for step in range(3):
+            assert_same(pipe.get(step), sampler.meta_batch(step, 4))
+    assert {p: p.stat().st_mtime_ns for p in written} == written

@@ -8,11 +8,21 @@ files and cache, so it can be shipped to worker processes or Ray actors cheaply.
 The split may be a local directory or an object-store URI (``s3://bucket/omniglot/train``):
 every read goes through the split's ``pyarrow.fs`` filesystem (see ``location``), the same
 code path for both.
+
+With a ``decode_cache`` directory, each decoded class is also written there once as a
+``.npy`` file and read back memory-mapped, so every process on the node (episode actors,
+torchrun ranks, the trials of a sweep, the next run) shares one copy through the page
+cache instead of decoding and holding its own. Its subdirectory is keyed by the shards'
+sha256 and the preprocessing, so a changed dataset or image size never reads stale pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,6 +38,8 @@ from metadist.data.images import decode_image, resize
 from metadist.data.location import Location
 from metadist.data.schema import MANIFEST_NAME, SHARD_SCHEMA, ClassEntry, Manifest
 
+log = logging.getLogger(__name__)
+
 
 class ClassStore:
     """Classes of one split (``<dataset>/<split>``, a local path, a URI such as
@@ -40,6 +52,7 @@ class ClassStore:
     ``image_size``/``channels`` default to the manifest's recommended preprocessing.
     ``verify`` also checks every shard's sha256 (reads every byte once).
     ``max_cached_classes`` bounds the decoded-class cache (None: unbounded, 0: no cache).
+    ``decode_cache``: a node-local directory shared by processes (see the module doc).
     """
 
     def __init__(
@@ -50,6 +63,7 @@ class ClassStore:
         channels: int | None = None,
         verify: bool = True,
         max_cached_classes: int | None = None,
+        decode_cache: str | Path | None = None,
     ) -> None:
         self.split_dir = Location.of(split_dir)
         self.manifest = Manifest.load(self.split_dir / MANIFEST_NAME)
@@ -65,6 +79,8 @@ class ClassStore:
         ):
             raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
         self.max_cached_classes = max_cached_classes
+        self.decode_cache = None if decode_cache is None else (
+            Path(decode_cache) / self._decode_cache_key())
         self._entries: tuple[ClassEntry, ...] = self.manifest.classes
         self._check_shards(verify)
         self._reset_runtime_state()
@@ -128,7 +144,7 @@ class ClassStore:
             if cached is not None:
                 self._cache.move_to_end(base)
                 return cached
-        images = self._decode_class(base)
+        images = self._decode_class(base) if self.decode_cache is None else self._shared(base)
         limit = self.max_cached_classes
         if limit is None or limit > 0:
             with self._lock:
@@ -136,6 +152,67 @@ class ClassStore:
                 while limit is not None and len(self._cache) > limit:
                     self._cache.popitem(last=False)
         return images
+
+    def _shared(self, base: int) -> torch.Tensor:
+        """Class ``base`` from the decode cache, decoding and adding it if missing."""
+        path = self.decode_cache / f"{base}.npy"
+        images = self._read_shared(path, base)
+        if images is not None:
+            return images
+        images = self._decode_class(base)
+        if not self._write_shared(path, images):
+            return images
+        # Hand out the mapped file, not the private copy: then this process shares it too.
+        shared = self._read_shared(path, base)
+        return images if shared is None else shared
+
+    def _read_shared(self, path: Path, base: int) -> torch.Tensor | None:
+        expected = (self._entries[base].count, self.channels, self.image_size, self.image_size)
+        try:
+            # Copy-on-write: pages stay shared with every reader; nothing here writes them.
+            array = np.load(path, mmap_mode="c")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable decode-cache entry (%s); decoding the class again",
+                        path, exc)
+            return None
+        if array.shape != expected or array.dtype != np.uint8:
+            log.warning("%s: decode-cache entry holds %s %s, class %r needs uint8 %s; "
+                        "decoding it again", path, array.dtype, array.shape,
+                        self._entries[base].label, expected)
+            return None
+        return torch.from_numpy(array)
+
+    def _write_shared(self, path: Path, images: torch.Tensor) -> bool:
+        if not self._cache_writable:
+            return False
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, images.numpy())
+            # Readers see the whole file or none: two processes decoding the same class at
+            # once both write, and the last rename wins with identical bytes.
+            os.replace(tmp, path)
+            return True
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            self._cache_writable = False
+            log.warning("decode cache %s: cannot write (%s); this process keeps the classes "
+                        "it decodes to itself", self.decode_cache, exc)
+            return False
+
+    def _decode_cache_key(self) -> str:
+        content = json.dumps({
+            "format": 1, "split": self.manifest.split,
+            "shards": [s.sha256 for s in self.manifest.shards],
+            "image_size": self.image_size, "channels": self.channels,
+        }, sort_keys=True)
+        digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+        return f"{self.manifest.split}-{self.image_size}px-{self.channels}ch-{digest}"
 
     def _decode_class(self, base: int) -> torch.Tensor:
         entry = self._entries[base]
@@ -242,12 +319,13 @@ class ClassStore:
         self._pid = os.getpid()
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self._cache_writable = True
 
     def __getstate__(self) -> dict[str, Any]:
         # Open files and the lock cannot travel; the cache could but would bloat every
         # copy sent to a worker. The receiver does not re-verify the shards.
         state = self.__dict__.copy()
-        for key in ("_files", "_pid", "_cache", "_lock"):
+        for key in ("_files", "_pid", "_cache", "_lock", "_cache_writable"):
             del state[key]
         return state
 

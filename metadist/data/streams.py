@@ -48,7 +48,8 @@ def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Stream
     pre = training_preprocessing(data)
 
     def sampler(split: str, seed: int, stream: str) -> EpisodeSampler:
-        store = ClassStore(root / split, image_size=pre.image_size, channels=pre.channels)
+        store = ClassStore(root / split, image_size=pre.image_size, channels=pre.channels,
+                           decode_cache=data.decode_cache)
         shots, queries = shape[stream]
         return EpisodeSampler(
             store, ways=data.ways, shots=shots, queries=queries, seed=seed, preprocessing=pre,

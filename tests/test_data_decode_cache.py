@@ -1,0 +1,128 @@
+"""ClassStore's decode cache: decoded classes shared through memory-mapped .npy files."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metadist.config import absolute_paths, load_config
+from metadist.data.store import ClassStore
+from metadist.data.streams import open_streams
+from metadist.data.synthetic import make_synthetic
+
+CLASSES = 6  # in the training split
+SYNTHETIC = dict(classes=12, images_per_class=5, image_size=12, val_fraction=0.25,
+                 test_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("decode_cache") / "syn"
+    return make_synthetic(out, **SYNTHETIC)
+
+
+@pytest.fixture()
+def split(source: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(source / "train", tmp_path / "train"))
+
+
+def no_decoding(store: ClassStore) -> ClassStore:
+    def fail(base: int) -> torch.Tensor:
+        raise AssertionError(f"class {base} was decoded, not read from the cache")
+
+    store._decode_class = fail
+    return store
+
+
+def entries(cache: Path) -> dict[str, int]:
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
+
+
+def test_a_second_store_reads_what_the_first_decoded(split: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    plain = ClassStore(split)
+    assert plain.num_classes == CLASSES
+    first = ClassStore(split, decode_cache=cache)
+    for c in range(CLASSES):
+        assert first.load_class(c).equal(plain.load_class(c))
+    written = entries(cache)
+    assert len(written) == CLASSES and len({Path(p).parent for p in written}) == 1
+
+    second = no_decoding(ClassStore(split, decode_cache=cache))
+    for c in range(CLASSES):
+        images = second.load_class(c)
+        assert images.dtype == torch.uint8 and images.equal(plain.load_class(c))
+    assert entries(cache) == written  # read, never rewritten
+
+
+def test_key_follows_preprocessing_and_content(split: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ClassStore(split, decode_cache=cache).load_class(0)
+    small = ClassStore(split, image_size=8, decode_cache=cache)
+    assert small.decode_cache != ClassStore(split, decode_cache=cache).decode_cache
+    assert small.load_class(0).shape[-1] == 8  # not the 12-pixel entry
+    grey = ClassStore(split, channels=3, decode_cache=cache)
+    assert grey.decode_cache not in {small.decode_cache,
+                                     ClassStore(split, decode_cache=cache).decode_cache}
+    assert grey.load_class(0).shape[1] == 3
+    # New shards (a re-conversion) mean new sha256s in the manifest, so a new key.
+    other = make_synthetic(tmp_path / "other", **SYNTHETIC, seed=1)
+    assert ClassStore(other / "train", decode_cache=cache).decode_cache \
+        != ClassStore(split, decode_cache=cache).decode_cache
+
+
+def test_a_bad_entry_is_decoded_again(
+    split: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    plain = ClassStore(split)
+    key = ClassStore(split, decode_cache=cache).decode_cache
+    key.mkdir(parents=True)
+    (key / "0.npy").write_bytes(b"not an array")  # e.g. a file truncated by hand
+    np.save(key / "1.npy", np.zeros((2, 1, 12, 12), dtype=np.uint8))  # wrong shape
+    np.save(key / "2.npy", np.zeros((5, 1, 12, 12), dtype=np.float32))  # wrong dtype
+    store = ClassStore(split, decode_cache=cache)
+    with caplog.at_level(logging.WARNING, logger="metadist.data.store"):
+        for c in range(3):
+            assert store.load_class(c).equal(plain.load_class(c))
+    for c in range(3):
+        assert f"{key / f'{c}.npy'}" in caplog.text
+    assert "unreadable decode-cache entry" in caplog.text
+    assert "holds uint8 (2, 1, 12, 12)" in caplog.text and "float32" in caplog.text
+    # Replaced by good entries: the next store reads them.
+    fresh = no_decoding(ClassStore(split, decode_cache=cache))
+    for c in range(3):
+        assert fresh.load_class(c).equal(plain.load_class(c))
+
+
+def test_an_unwritable_cache_falls_back_to_memory(
+    split: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    plain = ClassStore(split)
+    store = ClassStore(split, decode_cache=blocked)
+    with caplog.at_level(logging.WARNING, logger="metadist.data.store"):
+        for c in range(CLASSES):
+            assert store.load_class(c).equal(plain.load_class(c))
+    warnings = [r for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(warnings) == 1 and str(blocked) in warnings[0].getMessage()
+    assert blocked.read_text() == "not a directory"
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_config_key_reaches_the_streams(source: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [f"data.dataset={source}", "data.decode_cache=cache",
+                             "data.ways=2", "data.shots=1", "data.queries=1"])
+    # A relative directory is made absolute before a job or trial runs elsewhere.
+    assert absolute_paths(cfg)["data.decode_cache"] == str(tmp_path / "cache")
+    streams = open_streams(cfg.data, train_seed=0, eval_seed=0)
+    streams.train.episode(0)
+    assert len(entries(tmp_path / "cache")) == 2  # the episode's two classes
