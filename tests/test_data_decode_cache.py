@@ -52,6 +52,7 @@ def test_a_second_store_reads_what_the_first_decoded(split: Path, tmp_path: Path
         assert first.load_class(c).equal(plain.load_class(c))
     written = entries(cache)
     assert len(written) == CLASSES and len({Path(p).parent for p in written}) == 1
+    assert {(cache / p).stat().st_mode & 0o777 for p in written} == {0o644}  # others may read
 
     second = no_decoding(ClassStore(split, decode_cache=cache))
     for c in range(CLASSES):

@@ -52,9 +52,12 @@ def test_two_ray_workers_with_actor_pipeline_match_one_process(tmp_path, omniglo
                       "algorithm.inner_lr=0.001", "algorithm.outer_lr_final=0.0",
                       "algorithm.test_inner_batch=2"]
     config = ROOT / "configs" / "omniglot_5w1s_maml.yaml"
+    # The actors decode into a shared directory (relative: the driver's working directory).
     proc = metadist("train", str(config), *overrides, "workers=2", "ray.actors=1",
+                    "data.decode_cache=decoded",
                     f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     distributed = result_of(proc)
+    assert list((tmp_path / "decoded").glob("train-28px-1ch-*/*.npy"))
     single = train(load_config(config, overrides + ["tracking.enabled=false"]),
                    run_dir=tmp_path / "single")
     assert distributed["workers"] == 2 and distributed["pipeline"]["batches"] == 3

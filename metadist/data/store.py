@@ -193,6 +193,7 @@ class ClassStore:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.save(f, images.numpy())
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the entry from other users
             # Readers see the whole file or none: two processes decoding the same class at
             # once both write, and the last rename wins with identical bytes.
             os.replace(tmp, path)
