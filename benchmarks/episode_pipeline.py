@@ -10,8 +10,9 @@ with 1 and 2 actors (0.25 logical CPU each), side by side in one run:
 - warm: a second pass over the same meta-batches (every class cached);
 - with a decode cache (``data.decode_cache``, a directory in /dev/shm here): fresh actors
   on an empty cache (they fill it), then fresh actors again on the filled cache (a new
-  run or a sweep's next trial), each row's actors' private (anonymous) and file-backed
-  resident memory read from /proc after its warm pass.
+  run or a sweep's next trial), each row's actors' private (anonymous) and shared
+  (file- or tmpfs-backed: the mapped cache, the interpreter's libraries) resident memory
+  read from /proc after its warm pass.
 
 The driver only calls ``get`` (no training), so the rates are what the pipeline can
 deliver, to be compared with what a trainer consumes: second-order MAML's meta-gradients
@@ -108,11 +109,15 @@ def measure(split: Path, *, actors: int, meta_batch: int, steps: int, prefetch: 
 
 
 def resident_mb(pid: int) -> tuple[float, float]:
-    """(private, file-backed) resident memory of a process, MB: decoded classes a process
-    holds itself are private; memory-mapped cache files are file-backed and shared."""
-    fields = dict(line.split(":", 1) for line in
-                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return tuple(int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
+    """(private, shared) resident memory of a process, MB: decoded classes a process holds
+    itself are private (RssAnon); memory-mapped cache files are shared with every process
+    that maps them, counted as RssShmem when the cache lies on tmpfs (/dev/shm) and as
+    RssFile on disk."""
+    fields = {k: int(v.split()[0]) / 1024 for k, v in
+              (line.split(":", 1) for line in
+               Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+              if k.startswith("Rss")}
+    return fields["RssAnon"], fields["RssFile"] + fields["RssShmem"]
 
 
 def consumption(config: Path, overrides: list[str], steps: int, threads: int) -> float:
@@ -246,12 +251,13 @@ def render(rows, rates, how, info, load_before, load_after, total, args) -> str:
         "that does nothing else. *decode cache*: none (each actor decodes and keeps its "
         "classes), empty (fresh actors fill a shared `data.decode_cache` directory in "
         "/dev/shm), filled (fresh actors on the directory the row above filled). *actor "
-        "memory*: each actor's private / file-backed resident MB after the warm pass "
-        "(file-backed pages of the cache are shared by every actor on the node).",
+        "memory*: each actor's private / shared resident MB after the warm pass (shared: "
+        "file- and tmpfs-backed pages, i.e. the libraries every process maps and the mapped "
+        "cache files, held once per node however many actors map them).",
         "",
         "| dataset | actors | decode cache | meta-batch | episodes/pass | MB/meta-batch "
         "| first batch (s) | cold ep/s | warm ep/s | classes cached per actor "
-        "| actor memory, private / file (MB) |",
+        "| actor memory, private / shared (MB) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
