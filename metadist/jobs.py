@@ -194,13 +194,20 @@ def job_arguments(
     return [command, relative.as_posix(), *overrides, *extra], loaded
 
 
+STOP_GRACE_S = "30"
+
+
 def runtime_env(
     *, env_vars: dict[str, str], pip: list[str] | None = None, root: Path = ROOT,
 ) -> dict[str, Any]:
     env = {"working_dir": str(root), "excludes": EXCLUDES,
            # One intra-op thread unless asked: a driver or actor spinning threads on a
            # shared node slows everything (train workers set their own from the config).
-           "env_vars": {"OMP_NUM_THREADS": "1", **env_vars}}
+           # `jobs stop` sends SIGTERM and, by Ray's default, SIGKILL 3 s later: too soon
+           # for a run to finish its step and checkpoint it. The job's supervisor reads the
+           # grace period from the job's own environment.
+           "env_vars": {"OMP_NUM_THREADS": "1", "RAY_JOB_STOP_WAIT_TIME_S": STOP_GRACE_S,
+                        **env_vars}}
     if pip:
         env["pip"] = pip
     return env

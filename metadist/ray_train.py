@@ -2,6 +2,10 @@
 (process groups: NCCL on CUDA, gloo on CPU), restarts them from the last reported
 checkpoint after a failure, and each worker's share of every meta-batch streams in from
 a pool of episode actors (``metadist.pipeline``). The loop itself is ``metadist.train``.
+
+Ray Train's workers get no signal when the job is stopped or preempted: the driver does.
+Its first SIGTERM is passed on through a small actor that the workers poll once a step,
+so they end after the step in flight with a checkpoint, as a single process would.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from ray.train.torch import TorchTrainer
 from metadist.checkpoint import load_checkpoint
 from metadist.config import Config, config_from_dict, to_dict, train_episode_shape
 from metadist.preflight import preflight, run_cpus
+from metadist.signals import Stopped, sigterm_deferred
 from metadist.train import train
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -69,6 +76,7 @@ def train_on_ray(
         run_dir = out / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     run_dir = Path(run_dir).resolve()
     storage = Path(config.ray.storage_path).resolve() if config.ray.storage_path else out / "ray"
+    stop_flag = StopFlag.remote()
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -76,6 +84,7 @@ def train_on_ray(
             "run_dir": str(run_dir),
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
+            "stop_flag": stop_flag,
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers,
@@ -90,10 +99,74 @@ def train_on_ray(
             callbacks=list(callbacks),
         ),
     )
-    result = trainer.fit()
+    with sigterm_passed_on(stop_flag):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return result.return_value
+    outcome = result.return_value
+    if "stopped_after_step" in outcome:
+        step, path = outcome["stopped_after_step"], outcome["resume"]
+        print(f"SIGTERM: the workers stopped after step {step} of {config.train.steps}; "
+              f"continue with resume={path} (on the rank-0 worker's node; Ray's storage "
+              f"holds it too: {result.checkpoint.path if result.checkpoint else 'none'})",
+              file=sys.stderr, flush=True)
+        raise Stopped(step, path)
+    return outcome
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """Set by the driver on SIGTERM, read by the workers once a step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self) -> None:
+        self.requested = True
+
+    def get(self) -> bool:
+        return self.requested
+
+
+@contextlib.contextmanager
+def sigterm_passed_on(stop_flag):
+    """The driver's first SIGTERM sets ``stop_flag`` (a second one unwinds at once). Off
+    the main thread (a Tune trial) nothing is installed."""
+    requested, finished = threading.Event(), threading.Event()
+
+    # A signal handler must not call into Ray (it runs between two bytecodes of whatever
+    # the main thread was doing inside Ray), so it only sets an event, and this thread calls.
+    def pass_on() -> None:
+        requested.wait()
+        if not finished.is_set():
+            stop_flag.set.remote()
+
+    thread = threading.Thread(target=pass_on, daemon=True, name="metadist-sigterm")
+    thread.start()
+    try:
+        with sigterm_deferred(on_request=requested.set):
+            yield
+    finally:
+        finished.set()
+        requested.set()
+        thread.join()
+
+
+class StopPoll:
+    """``train``'s ``stop``: whether the driver asked to stop, without waiting on Ray in
+    the step (the answer to the last question, if it has come; then the next is asked)."""
+
+    def __init__(self, stop_flag) -> None:
+        self.flag, self.pending = stop_flag, stop_flag.get.remote()
+
+    def __call__(self) -> bool:
+        ready, _ = ray.wait([self.pending], timeout=0)
+        if not ready:
+            return False
+        if ray.get(self.pending):
+            return True
+        self.pending = self.flag.get.remote()
+        return False
 
 
 def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -132,11 +205,16 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 tracker.note_restart(start)
             # Every worker reports; rank 0 hands Ray the checkpoint a restart resumes from.
             result = train(cfg, tracker, resume, batches=batches,
-                           report=reporter(ray.train.report), run_dir=loop_config["run_dir"])
+                           report=reporter(ray.train.report), run_dir=loop_config["run_dir"],
+                           stop=StopPoll(loop_config["stop_flag"]))
         if pipeline is not None:
             result["pipeline"] = {
                 k: v for k, v in pipeline.stats().items() if isinstance(v, int | float)
             }
+    except Stopped as stopped:
+        # Returned, not raised: Ray Train would take an exception for a failure and start
+        # the workers again. The driver turns it back into the exit.
+        return {"stopped_after_step": stopped.step, "resume": stopped.checkpoint}
     finally:
         if pipeline is not None:
             pipeline.close()

@@ -44,15 +44,27 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class Stopped(SystemExit):
+    """Training stopped early, at a whole step, because a SIGTERM asked it to: exits 143
+    like any terminated process, and says where to resume from."""
+
+    def __init__(self, step: int, checkpoint: str | None) -> None:
+        super().__init__(TERMINATED)
+        self.step, self.checkpoint = step, checkpoint
+
+
 @contextlib.contextmanager
-def sigterm_deferred() -> Iterator[Callable[[], bool]]:
+def sigterm_deferred(
+    on_request: Callable[[], None] | None = None,
+) -> Iterator[Callable[[], bool]]:
     """Within this block the first SIGTERM is only noted: the yielded ``requested()`` turns
-    true and the caller stops where its state is whole. A second SIGTERM unwinds at once
+    true (and ``on_request()`` is called, from the handler: it must only set a flag) and
+    the caller stops where its state is whole. A second SIGTERM unwinds at once
     (``SystemExit(143)``), for whoever cannot wait for the step to end.
 
     A handler the program installed itself is left alone (``requested()`` stays false), as
-    is everything off the main thread (Ray Train's and Ray Tune's workers, whose
-    checkpoints go to Ray)."""
+    is everything off the main thread (Ray Tune's trials; Ray Train's workers get no
+    signal, their driver passes the request on: ``metadist.ray_train``)."""
     received: list[int] = []
     current = signal.getsignal(signal.SIGTERM) if _can_install() else None
     # ray.init's handler only exits at once (sys.exit), which this does after the step; and
@@ -66,6 +78,8 @@ def sigterm_deferred() -> Iterator[Callable[[], bool]]:
         if received:
             _exit(signum, frame)
         received.append(signum)
+        if on_request is not None:
+            on_request()
 
     signal.signal(signal.SIGTERM, note)
     try:

@@ -32,7 +32,7 @@ from metadist.data.streams import episode_batch, open_streams
 from metadist.distributed import all_reduce_sum, broadcast_from_rank0, rank_and_world, shard_bounds
 from metadist.evaluate import episode_scores, summarize
 from metadist.models import build_model, check_params, model_spec
-from metadist.signals import TERMINATED, sigterm_deferred
+from metadist.signals import Stopped, sigterm_deferred
 
 
 class NullTracker:
@@ -53,6 +53,7 @@ def train(
     batches: Callable[[int], MetaBatch] | None = None,
     report: Callable[[dict[str, float], Path | None], None] | None = None,
     run_dir: str | Path | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Meta-train, then meta-test (or, with ``train.final_test=false``, end on the
     validation split: a tuning trial must never see the test classes).
@@ -61,6 +62,10 @@ def train(
     from (the Ray episode pipeline). ``report(metrics, checkpoint)`` is called on every
     worker at each step that validated or checkpointed (Ray Train's and Ray Tune's
     report); ``metrics`` has the ``step``, rank 0 gets the checkpoint path, the others None.
+
+    A SIGTERM to this process, or ``stop()`` turning true (polled once a step: a Ray
+    Train driver's SIGTERM, passed on), ends the loop after the step in flight with a
+    checkpoint, reported like the periodic ones, and raises ``Stopped`` (exit status 143).
     """
     cfg = config
     rank, world = rank_and_world()
@@ -172,7 +177,7 @@ def train(
     last_val: dict[str, Any] | None = None
     # A SIGTERM (preemption) ends the loop after the step in flight, checkpointed; every
     # rank learns of it in the step's all-reduce, so all stop after the same step.
-    with sigterm_deferred() as stop_requested:
+    with sigterm_deferred() as signalled:
         for step in bar:
             t_fetch = time.perf_counter()
             batch, order = batch_at(step)
@@ -183,7 +188,7 @@ def train(
                     chunk=cfg.train.chunk, order=order, carried=carried,
                 )
             stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0],
-                                  float(stop_requested())])
+                                  float(signalled() or (stop is not None and stop()))])
             moments = [] if carried is None else carried.pending_tensors()
             *reduced, stats = all_reduce_sum([grads[k] for k in params] + moments + [stats])
             n_tasks = stats[2].item()
@@ -223,17 +228,20 @@ def train(
             path = checkpoint(done, f"step-{done:07d}.pt") if checkpointed else None
             validated = any(k.startswith("val_") for k in record)
             # The last step is reported once, with the final checkpoint, below.
-            if report is not None and (validated or checkpointed) and done < cfg.train.steps:
+            reported = report is not None and (validated or checkpointed) and done < cfg.train.steps
+            if reported:
                 report(record, path)
             if stats[3].item() > 0:
                 bar.close()
                 if not checkpointed:
                     path = checkpoint(done, f"step-{done:07d}.pt")
+                if report is not None and not reported:  # Ray's storage gets it too
+                    report(record, path)
                 if rank == 0:
                     print(f"SIGTERM: stopped after step {done} of {cfg.train.steps}; continue "
                           f"with resume={path}", file=sys.stderr, flush=True)
                     tracker.log_stop(done, path)
-                raise SystemExit(TERMINATED)
+                raise Stopped(done, None if path is None else str(path))
     bar.close()
     train_seconds = time.perf_counter() - t_start
 

@@ -112,10 +112,13 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(tmp_path):
     assert clean["mean"] == result["mean"]
 
 
-def test_a_terminated_ray_train_run_ends_its_mlflow_run_as_killed(tmp_path):
-    # `ray job stop` or a preempted head node: the driver, waiting in Ray Train's fit,
-    # unwinds and ends the MLflow run KILLED instead of leaving it RUNNING. (Its exit status
-    # is Ray's: 1, whatever the SystemExit said.)
+def test_a_sigterm_to_the_ray_train_driver_stops_the_workers_after_a_step_checkpointed(
+        tmp_path):
+    # `ray job stop` or a preempted head node signals the driver, waiting in Ray Train's
+    # fit; the workers get nothing. The driver passes the request on: both workers end
+    # after the same step, rank 0 checkpoints it (no periodic checkpoints here), Ray's
+    # storage gets it, the MLflow run ends KILLED with the stop tagged, and the driver
+    # exits as a terminated process does, instead of Ray's status 1 with the steps lost.
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -127,5 +130,15 @@ def test_a_terminated_ray_train_run_ends_its_mlflow_run_as_killed(tmp_path):
         "train.checkpoint_every=0", "train.progress=false", "train.threads=1",
         f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}", cwd=tmp_path)
     run_id, err = sigterm_after_first_step(client, proc, timeout=300, exit_timeout=120)
-    assert proc.returncode != 0, err[-3000:]
-    assert client.get_run(run_id).info.status == "KILLED"
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    step = int(run.data.tags["stopped_after_step"])
+    resume = Path(run.data.tags["resume_checkpoint"])
+    assert resume.name == f"step-{step:07d}.pt" and load_checkpoint(resume)["step"] == step
+    assert f"the workers stopped after step {step} of 1000000; continue with resume={resume}" \
+        in err, err[-3000:]
+    stored = list((tmp_path / "runs" / "ray").glob("*/checkpoint_*/checkpoint.pt"))
+    assert [load_checkpoint(p)["step"] for p in stored] == [step]
+    # Stopped, not failed: Ray Train did not start the workers again.
+    assert "restarts" not in run.data.tags
