@@ -40,6 +40,8 @@ ROOT = _checkout()
 # Anchored with "/": a bare "data" would also drop the package metadist/data.
 EXCLUDES = ["/.venv", "/.git", "/data", "/runs", "/mlruns", "/mlartifacts", "/mlflow.db",
             "/logs", "*.egg-info", "__pycache__"]
+# Seconds between `jobs stop`'s SIGTERM and its SIGKILL (RAY_JOB_STOP_WAIT_TIME_S).
+STOP_GRACE_S = "30"
 
 
 # --- token and address ---------------------------------------------------------------
@@ -192,9 +194,6 @@ def job_arguments(
     # a copy without data/ and runs/.
     extra = [f"{k}={v}" for k, v in absolute_paths(loaded).items()] if local else []
     return [command, relative.as_posix(), *overrides, *extra], loaded
-
-
-STOP_GRACE_S = "30"
 
 
 def runtime_env(
