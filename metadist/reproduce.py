@@ -120,6 +120,14 @@ def row_config(row: Row, budget: str, overrides: list[str] = ()) -> Config:
     return config
 
 
+def effective_overrides(overrides: list[str]) -> list[str]:
+    """Each key once, at the value that took effect (the last), where it first appeared: a
+    record that listed ``train.steps=300`` beside ``train.steps=3000`` would need the reader
+    to know that the last one wins."""
+    last = {item.partition("=")[0]: item for item in overrides}
+    return list(dict.fromkeys(last[item.partition("=")[0]] for item in overrides))
+
+
 def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS) -> dict:
     """Meta-train and meta-test one row, tracked like ``metadist train``, and record it."""
     from metadist.cli import tracked_training
@@ -136,7 +144,7 @@ def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS
     record = {
         "row": row.id, "table": row.table, "split": row.split, "setting": row.setting,
         "algorithm": row.algorithm, "budget": budget,
-        "overrides": [*row.overrides, *row.budget[budget], *overrides],
+        "overrides": effective_overrides([*row.overrides, *row.budget[budget], *overrides]),
         "config": str(row.config), "paper": row.paper,
         "paper_non_transductive": row.paper_non_transductive,
         "result": result, "wall_seconds": time.perf_counter() - started,

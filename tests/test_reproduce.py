@@ -72,6 +72,9 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     assert saved["result"]["mean"] == record["result"]["mean"]
     assert saved["result"]["episodes"] == 12 and saved["result"]["split"] == "test"
     assert saved["paper"] == 98.7 and "train.steps=3" in saved["overrides"]
+    # The budget's own train.steps is overridden, so the record lists only the one that ran.
+    assert any(o.startswith("train.steps=") for o in row.budget["cpu"])
+    assert [o for o in saved["overrides"] if o.startswith("train.steps=")] == ["train.steps=3"]
     from metadist.tracking import git_commit
 
     assert saved["code"]["commit"] == git_commit() and isinstance(
