@@ -15,6 +15,10 @@ import contextlib
 import csv
 import json
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,10 +266,80 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
             ),
         )
-    grid = tuner.fit()
+    with signals_interrupt_tune() as received:
+        grid = tuner.fit()
+    if received:
+        ray.shutdown()  # the interrupted trials' processes end here, before their runs do
+        stop_interrupted(received[0], config, grid, state, sweep_dir)
     summary = summarize_sweep(config, grid, metric, mode, sweep_dir, portable, tracker)
     ray.shutdown()
     return summary
+
+
+@contextlib.contextmanager
+def signals_interrupt_tune() -> Iterator[list[int]]:
+    """Within this block SIGTERM and Ctrl-C interrupt the sweep as Tune's own interrupt
+    does: the trials stop, Tune saves the sweep's state and ``Tuner.fit`` returns. The
+    yielded list then holds the signal, and the caller must not take the partial sweep for
+    a finished one (Tune's own Ctrl-C handler returns the same way, and nothing told the
+    two apart). A second signal, or one before Tune is running, unwinds at once.
+
+    Tune does not handle SIGTERM: Ray's handler aborted the driver mid-sweep (exit -6), with
+    no last state saved and the running trials' MLflow runs left RUNNING. Tune interrupts
+    on SIGUSR1, whose handler ``Tuner.fit`` installs; this calls that handler."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if received or not (getattr(tune_handler, "__module__", "") or "").startswith("ray.tune"):
+            raise SystemExit(128 + signum)
+        received.append(signum)
+        print(f"metadist: {signal.Signals(signum).name}: stopping the sweep; its trials "
+              "resume from their last checkpoints with --resume (signal again to exit at once)",
+              file=sys.stderr, flush=True)
+        tune_handler(signum, frame)
+
+    # Tune's SIGINT handler would interrupt with no word to this process; a SIGUSR1 handler
+    # left by an earlier sweep in this process would set that sweep's flag, not this one's.
+    disabled = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if disabled is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER")
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = disabled
+
+
+def stop_interrupted(signum: int, config: Config, grid, state: dict[str, Any],
+                     sweep_dir: Path) -> None:
+    """End the runs of the trials the interrupt stopped as KILLED where their processes
+    could not, and exit as the signal asks; ``--resume`` carries on in the same runs."""
+    if state.get("parent_run_id"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(state["tracking_uri"])
+        parent = client.get_run(state["parent_run_id"])
+        for run in client.search_runs(
+                [parent.info.experiment_id],
+                f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                "attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "KILLED")
+    finished = sum(1 for r in grid if not r.error
+                   and (r.metrics or {}).get("step", 0) >= config.train.steps)
+    print(f"metadist: sweep {sweep_dir} stopped by {signal.Signals(signum).name}, "
+          f"{finished} of {config.tune.num_samples} trials ran their full length; the same "
+          "command with --resume runs the rest, from their last checkpoints",
+          file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 def trial_base(config: Config) -> dict[str, Any]:

@@ -284,6 +284,80 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     assert len(summary["trials"]) == 4 and all(t["steps_done"] == 300 for t in summary["trials"])
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_sweep_stops_unsummarised_and_resumes(signum, tmp_path):
+    # `metadist jobs stop` and a preempting scheduler send SIGTERM to the driver alone;
+    # Ctrl-C sends SIGINT. Either must leave a resumable sweep, not a finished-looking one.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"), "train.steps=200",
+            "train.val_every=50", "train.checkpoint_every=100", "train.val_episodes=20",
+            "eval.episodes=20", "tune.num_samples=3", "tune.max_concurrent=1",
+            "tune.scheduler=none", f"train.output_dir={tmp_path}",
+            f"tracking.tracking_uri={uri}"]
+    sweep_dir = tmp_path / "sweeps" / "tune_sinusoid_maml"
+    proc = metadist(*args, cwd=tmp_path)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        finals = list(sweep_dir.glob("trials/*/checkpoints/final.pt"))
+        started = list(sweep_dir.glob("trials/*/checkpoints/step-0000100.pt"))
+        if len(finals) >= 1 and len(started) >= 2:  # one trial done, the second under way
+            os.kill(proc.pid, signum)
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the sweep ended before it could be signalled:\n"
+                    + proc.stderr.read()[-3000:])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-5000:]
+    assert "trials ran their full length" in err and "--resume" in err
+    # Not summarised: no best config chosen among the trials that happened to be done.
+    assert not (sweep_dir / "best_result.json").exists()
+    assert not (sweep_dir / "best_config.yaml").exists()
+    from mlflow import MlflowClient
+
+    parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
+    assert MlflowClient(uri).get_run(parent_id).info.status == "KILLED"
+    before = child_runs(uri, parent_id)
+    assert {c.info.status for c in before} == {"FINISHED", "KILLED"}  # none left RUNNING
+
+    finish(metadist(*args, "--resume", cwd=tmp_path))
+    after = child_runs(uri, parent_id)
+    assert len(after) == 3 and all(c.info.status == "FINISHED" for c in after)
+    assert {c.info.run_id for c in before} <= {c.info.run_id for c in after}
+    summary = json.loads((sweep_dir / "best_result.json").read_text())
+    assert all(t["steps_done"] == 200 for t in summary["trials"])
+
+
+def test_an_interrupted_trial_whose_process_could_not_end_its_run_is_ended_killed(
+        tmp_path, capsys):
+    # Tune's interrupt lets trials end their own runs; one force-killed in the middle of
+    # a step cannot, and its run must not stay RUNNING.
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from metadist.sweep import TRIAL_TAG, stop_interrupted
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweep")
+    parent = client.create_run(experiment).info.run_id
+    done, cut = (client.create_run(experiment, tags={"mlflow.parentRunId": parent,
+                                                     TRIAL_TAG: t}).info.run_id
+                 for t in ("t0", "t1"))
+    client.set_terminated(done, "FINISHED")
+    config = sweep_config("train.steps=200", "tune.num_samples=3")
+    grid = [SimpleNamespace(error=None, metrics={"step": 200}),
+            SimpleNamespace(error=None, metrics={"step": 100})]
+    with pytest.raises(SystemExit) as exit_:
+        stop_interrupted(signal.SIGTERM, config, grid,
+                         {"parent_run_id": parent, "tracking_uri": uri}, tmp_path)
+    assert exit_.value.code == 143
+    assert client.get_run(cut).info.status == "KILLED"
+    assert client.get_run(done).info.status == "FINISHED"
+    assert "stopped by SIGTERM, 1 of 3 trials ran their full length" in capsys.readouterr().err
+
+
 def test_trials_with_workers_run_on_their_own_ray_train_workers(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     finish(metadist(
