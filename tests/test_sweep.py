@@ -243,13 +243,18 @@ def test_omniglot_sweep_nested_runs_asha_best_config_and_registered_model(
 # -- kill and resume ---------------------------------------------------------------------
 
 
-def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
+def resumable_sweep(tmp_path: Path, steps: int, trials: int) -> tuple[list[str], str]:
+    """A sinusoid sweep of trials one after another, checkpointed every 100 steps."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"), "train.steps=300",
+    return ["tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"), f"train.steps={steps}",
             "train.val_every=50", "train.checkpoint_every=100", "train.val_episodes=20",
-            "eval.episodes=20", "tune.num_samples=4", "tune.max_concurrent=1",
+            "eval.episodes=20", f"tune.num_samples={trials}", "tune.max_concurrent=1",
             "tune.scheduler=none", f"train.output_dir={tmp_path}",
-            f"tracking.tracking_uri={uri}"]
+            f"tracking.tracking_uri={uri}"], uri
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
+    args, uri = resumable_sweep(tmp_path, steps=300, trials=4)
     trials = tmp_path / "sweeps" / "tune_sinusoid_maml" / "trials"
     proc = metadist(*args, cwd=tmp_path)
     deadline = time.time() + 400
@@ -288,12 +293,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
 def test_a_signalled_sweep_stops_unsummarised_and_resumes(signum, tmp_path):
     # `metadist jobs stop` and a preempting scheduler send SIGTERM to the driver alone;
     # Ctrl-C sends SIGINT. Either must leave a resumable sweep, not a finished-looking one.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"), "train.steps=200",
-            "train.val_every=50", "train.checkpoint_every=100", "train.val_episodes=20",
-            "eval.episodes=20", "tune.num_samples=3", "tune.max_concurrent=1",
-            "tune.scheduler=none", f"train.output_dir={tmp_path}",
-            f"tracking.tracking_uri={uri}"]
+    args, uri = resumable_sweep(tmp_path, steps=200, trials=3)
     sweep_dir = tmp_path / "sweeps" / "tune_sinusoid_maml"
     proc = metadist(*args, cwd=tmp_path)
     deadline = time.time() + 400
