@@ -333,8 +333,7 @@ def stop_interrupted(signum: int, config: Config, grid, state: dict[str, Any],
                 f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
                 "attributes.status = 'RUNNING'"):
             client.set_terminated(run.info.run_id, "KILLED")
-    finished = sum(1 for r in grid if not r.error
-                   and (r.metrics or {}).get("step", 0) >= config.train.steps)
+    finished = sum(1 for r in grid if ran_full_length(r, config.train.steps))
     print(f"metadist: sweep {sweep_dir} stopped by {signal.Signals(signum).name}, "
           f"{finished} of {config.tune.num_samples} trials ran their full length; the same "
           "command with --resume runs the rest, from their last checkpoints",
@@ -431,6 +430,11 @@ class MarkStopped(tune.Callback):
 # -- the outcome ------------------------------------------------------------------------------
 
 
+def ran_full_length(result, steps: int) -> bool:
+    """A trial that neither failed nor was stopped (by ASHA, or by an interrupt) early."""
+    return not result.error and (result.metrics or {}).get("step", 0) >= steps
+
+
 def summarize_sweep(config: Config, grid, metric: str, mode: str, sweep_dir: Path,
                     portable: dict[str, Any], tracker) -> dict[str, Any]:
     """Choose the best trial on validation, write its config, meta-test it, register it."""
@@ -446,8 +450,7 @@ def summarize_sweep(config: Config, grid, metric: str, mode: str, sweep_dir: Pat
             "error": str(r.error) if r.error else "",
         })
     # Among trials that ran their full length: a trial ASHA cut off has no final model.
-    done = [r for r in grid if not r.error and r.metrics and metric in r.metrics
-            and r.metrics.get("step", 0) >= config.train.steps]
+    done = [r for r in grid if ran_full_length(r, config.train.steps) and metric in r.metrics]
     if not done:
         raise RuntimeError(f"no trial of sweep {sweep_dir} completed; see {sweep_dir}/trials.csv")
     write_trials_csv(trials, sweep_dir / "trials.csv")
