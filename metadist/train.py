@@ -238,8 +238,9 @@ def train(
                 if report is not None and not reported:  # Ray's storage gets it too
                     report(record, path)
                 if rank == 0:
-                    print(f"SIGTERM: stopped after step {done} of {cfg.train.steps}; continue "
-                          f"with resume={path}", file=sys.stderr, flush=True)
+                    if stop is None:  # else the driver that set stop() says it, once
+                        print(f"SIGTERM: stopped after step {done} of {cfg.train.steps}; "
+                              f"continue with resume={path}", file=sys.stderr, flush=True)
                     tracker.log_stop(done, path)
                 raise Stopped(done, None if path is None else str(path))
     bar.close()

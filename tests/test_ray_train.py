@@ -138,6 +138,7 @@ def test_a_sigterm_to_the_ray_train_driver_stops_the_workers_after_a_step_checkp
     assert resume.name == f"step-{step:07d}.pt" and load_checkpoint(resume)["step"] == step
     assert f"the workers stopped after step {step} of 1000000; continue with resume={resume}" \
         in err, err[-3000:]
+    assert err.count("stopped after step") == 1, err[-3000:]  # the driver says it, once
     stored = list((tmp_path / "runs" / "ray").glob("*/checkpoint_*/checkpoint.pt"))
     assert [load_checkpoint(p)["step"] for p in stored] == [step]
     # Stopped, not failed: Ray Train did not start the workers again.
