@@ -32,6 +32,9 @@ class DataConfig:
     # shared by every process on the node and by later runs; None: each process decodes
     # and holds its own.
     decode_cache: str | None = None
+    # The directory's size cap in GB (10^9 bytes), least recently used entries evicted
+    # first; None: no cap.
+    decode_cache_max_gb: float | None = None
 
 
 @dataclass
@@ -282,6 +285,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"tune.reduction_factor={config.tune.reduction_factor} must be >= 2")
     if config.train.steps < 0:
         raise ConfigError(f"train.steps={config.train.steps} must be >= 0")
+    cap = config.data.decode_cache_max_gb
+    if cap is not None:
+        if not cap > 0:
+            raise ConfigError(f"data.decode_cache_max_gb={cap} must be > 0 (GB)")
+        if not config.data.decode_cache:
+            raise ConfigError(f"data.decode_cache_max_gb={cap} caps the decode cache, and "
+                              "data.decode_cache is not set (name a node-local directory)")
 
 
 def _validate_inner_optimizer(algorithm: AlgorithmConfig) -> None:

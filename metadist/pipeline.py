@@ -72,6 +72,7 @@ class EpisodeActor:
         verify: bool = False,
         max_cached_classes: int | None = None,
         decode_cache: str | None = None,
+        decode_cache_max_gb: float | None = None,
     ) -> None:
         # Two torch threads per process on a 2-core machine make every small op crawl
         # under contention; the actors' parallelism is the pool, not threads.
@@ -79,6 +80,7 @@ class EpisodeActor:
         self.store = ClassStore(
             split_dir, image_size=image_size, channels=channels, verify=verify,
             max_cached_classes=max_cached_classes, decode_cache=decode_cache,
+            decode_cache_max_gb=decode_cache_max_gb,
         )
         self.sampler = EpisodeSampler(
             self.store, ways=ways, shots=shots, queries=queries, seed=seed,
@@ -174,7 +176,8 @@ class EpisodePipeline:
     ``prefetch`` requests ahead. ``preprocessing`` fixes image size, channels and
     normalisation (None: the manifest's recommendation). ``verify`` checks the shards'
     sha256 once, here. ``decode_cache``: a node-local directory the actors share decoded
-    classes through (``ClassStore``); a replacement actor starts warm from it.
+    classes through (``ClassStore``); a replacement actor starts warm from it;
+    ``decode_cache_max_gb`` caps it.
     ``max_restarts`` bounds actor replacements over the pipeline's life.
 
     Use ``get(step)`` or iterate (an endless stream); ``close()`` or a ``with`` block ends
@@ -201,6 +204,7 @@ class EpisodePipeline:
         verify: bool = True,
         max_cached_classes: int | None = None,
         decode_cache: str | None = None,
+        decode_cache_max_gb: float | None = None,
         max_restarts: int = 10,
     ) -> None:
         for name, value, minimum in (
@@ -248,6 +252,7 @@ class EpisodePipeline:
             mean=list(pre.mean), std=list(pre.std), ways=self.ways, shots=self.shots,
             queries=self.queries, seed=self.seed, verify=False,
             max_cached_classes=max_cached_classes, decode_cache=decode_cache,
+            decode_cache_max_gb=decode_cache_max_gb,
         )
         n_actors = num_actors if self.hi > self.lo else 0  # an idle rank needs no actor
         self._actors = [self._new_actor() for _ in range(n_actors)]

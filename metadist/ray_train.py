@@ -259,4 +259,5 @@ def open_pipeline(cfg: Config, *, start_step: int, rank: int, world_size: int):
         meta_batch_size=cfg.algorithm.meta_batch_size, num_actors=cfg.ray.actors,
         actor_cpus=cfg.ray.actor_cpus, prefetch=cfg.ray.prefetch, start_step=start_step,
         rank=rank, world_size=world_size, decode_cache=cfg.data.decode_cache,
+        decode_cache_max_gb=cfg.data.decode_cache_max_gb,
     )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from metadist.config import absolute_paths, load_config
+from metadist.config import ConfigError, absolute_paths, load_config
 from metadist.data.store import ClassStore
 from metadist.data.streams import open_streams
 from metadist.data.synthetic import make_synthetic
@@ -117,6 +119,80 @@ def test_an_unwritable_cache_falls_back_to_memory(
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
+def entry_bytes(cache: Path) -> int:
+    sizes = {p.stat().st_size for p in cache.rglob("*.npy")}
+    assert len(sizes) == 1  # the synthetic classes all hold 5 images
+    return sizes.pop()
+
+
+def age(path: Path, seconds: float) -> None:
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+
+
+def test_the_cap_evicts_the_least_recently_used_entries(split: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    plain = ClassStore(split)
+    ClassStore(split, decode_cache=cache).load_class(0)
+    size = entry_bytes(cache)
+    cap = 3.5 * size / 1e9  # room for three entries
+    key = ClassStore(split, decode_cache=cache).decode_cache
+    # An entry of another dataset (or image size) no one has read for a day.
+    stale = cache / "other-key" / "0.npy"
+    stale.parent.mkdir()
+    shutil.copy(key / "0.npy", stale)
+    age(stale, 86400)
+    first = ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap)
+    for c in (1, 2):
+        first.load_class(c)
+    assert not stale.exists()  # three entries fit, four do not: the oldest went
+    for c, seconds in ((0, 300), (1, 200), (2, 100)):
+        age(key / f"{c}.npy", seconds)
+    # A reader of class 0 marks it used, so class 1 is now the least recently used.
+    reader = no_decoding(ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap))
+    assert reader.load_class(0).equal(plain.load_class(0))
+    ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap).load_class(3)
+    assert sorted(entries(cache)) == [f"{key.name}/{c}.npy" for c in (0, 2, 3)]
+    # An evicted class is decoded again, not lost.
+    assert ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap).load_class(1) \
+        .equal(plain.load_class(1))
+    assert len(entries(cache)) == 3
+
+
+def test_the_cap_keeps_the_entry_just_written_and_clears_dead_writes(
+    split: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    key = ClassStore(split, decode_cache=cache).decode_cache
+    key.mkdir(parents=True)
+    dead = key / ".4-dead.tmp"  # a writer killed before its rename, two hours ago
+    dead.write_bytes(b"x" * 100)
+    age(dead, 7200)
+    live = key / ".5-live.tmp"  # a write in flight in another process
+    live.write_bytes(b"x" * 100)
+    store = ClassStore(split, decode_cache=cache, decode_cache_max_gb=1e-9)  # 1 byte
+    with caplog.at_level(logging.WARNING, logger="metadist.data.store"):
+        for c in range(3):
+            store.load_class(c)
+            assert list(entries(cache)) == [f"{key.name}/{c}.npy"]  # never the new one
+    assert not dead.exists() and live.exists()
+    warnings = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
+    assert len(warnings) == 1  # once per process, not once per eviction
+    assert "data.decode_cache_max_gb" in warnings[0] and str(cache) in warnings[0]
+
+
+def test_a_cap_needs_a_cache_and_a_positive_size(split: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="decode_cache is not set"):
+        ClassStore(split, decode_cache_max_gb=1.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        ClassStore(split, decode_cache=tmp_path, decode_cache_max_gb=0)
+    base = ["data.dataset=sinusoid"]
+    with pytest.raises(ConfigError, match="data.decode_cache is not set"):
+        load_config(None, base + ["data.decode_cache_max_gb=2"])
+    with pytest.raises(ConfigError, match=r"data.decode_cache_max_gb=-1.0 must be > 0"):
+        load_config(None, base + ["data.decode_cache=c", "data.decode_cache_max_gb=-1"])
+
+
 def test_config_key_reaches_the_streams(source: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -127,3 +203,10 @@ def test_config_key_reaches_the_streams(source: Path, tmp_path: Path,
     streams = open_streams(cfg.data, train_seed=0, eval_seed=0)
     streams.train.episode(0)
     assert len(entries(tmp_path / "cache")) == 2  # the episode's two classes
+    # With a cap of one entry's size, the second class evicts the first.
+    cap = entry_bytes(tmp_path / "cache") / 1e9
+    capped = load_config(None, [f"data.dataset={source}", "data.decode_cache=capped",
+                                "data.ways=2", "data.shots=1", "data.queries=1",
+                                f"data.decode_cache_max_gb={cap}"])
+    open_streams(capped.data, train_seed=0, eval_seed=0).train.episode(0)
+    assert len(entries(tmp_path / "capped")) == 1

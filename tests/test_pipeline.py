@@ -225,3 +225,17 @@ def test_actors_share_a_decode_cache(
         for step in range(3):
             assert_same(pipe.get(step), sampler.meta_batch(step, 4))
     assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
+def test_actors_keep_a_capped_decode_cache_under_its_cap(
+    ray_session: None, split: Path, sampler: EpisodeSampler, tmp_path: Path
+) -> None:
+    cache = tmp_path / "decoded"
+    entry = 20 * 28 * 28 + 128  # an Omniglot class: 20 images of 28x28, the .npy header
+    cap = 3 * entry  # far fewer than the 20 classes a meta-batch reads: entries are evicted
+    with pipeline(split, num_actors=2, prefetch=2, decode_cache=str(cache),
+                  decode_cache_max_gb=cap / 1e9) as pipe:
+        for step in range(3):
+            assert_same(pipe.get(step), sampler.meta_batch(step, 4))  # evictions lose nothing
+    sizes = [p.stat().st_size for p in cache.rglob("*.npy")]
+    assert sizes and set(sizes) == {entry} and sum(sizes) <= cap

@@ -14,6 +14,8 @@ With a ``decode_cache`` directory, each decoded class is also written there once
 torchrun ranks, the trials of a sweep, the next run) shares one copy through the page
 cache instead of decoding and holding its own. Its subdirectory is keyed by the shards'
 sha256 and the preprocessing, so a changed dataset or image size never reads stale pixels.
+``decode_cache_max_gb`` caps the directory, least recently used entries first
+(``metadist.data.decode_cache``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from metadist.data.decode_cache import evict_least_recent, touch
 from metadist.data.images import decode_image, resize
 from metadist.data.location import Location
 from metadist.data.schema import MANIFEST_NAME, SHARD_SCHEMA, ClassEntry, Manifest
@@ -52,7 +55,8 @@ class ClassStore:
     ``image_size``/``channels`` default to the manifest's recommended preprocessing.
     ``verify`` also checks every shard's sha256 (reads every byte once).
     ``max_cached_classes`` bounds the decoded-class cache (None: unbounded, 0: no cache).
-    ``decode_cache``: a node-local directory shared by processes (see the module doc).
+    ``decode_cache``: a node-local directory shared by processes (see the module doc);
+    ``decode_cache_max_gb``: its size cap in GB (10^9 bytes; None: no cap).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class ClassStore:
         verify: bool = True,
         max_cached_classes: int | None = None,
         decode_cache: str | Path | None = None,
+        decode_cache_max_gb: float | None = None,
     ) -> None:
         self.split_dir = Location.of(split_dir)
         self.manifest = Manifest.load(self.split_dir / MANIFEST_NAME)
@@ -81,6 +86,15 @@ class ClassStore:
         self.max_cached_classes = max_cached_classes
         self.decode_cache = None if decode_cache is None else (
             Path(decode_cache) / self._decode_cache_key())
+        if decode_cache_max_gb is not None:
+            if decode_cache is None:
+                raise ValueError(f"decode_cache_max_gb={decode_cache_max_gb} caps a decode "
+                                 "cache, and decode_cache is not set")
+            if isinstance(decode_cache_max_gb, bool) or not decode_cache_max_gb > 0:
+                raise ValueError(
+                    f"decode_cache_max_gb must be > 0 (GB), got {decode_cache_max_gb!r}")
+        self.decode_cache_max_bytes = (
+            None if decode_cache_max_gb is None else int(decode_cache_max_gb * 1e9))
         self._entries: tuple[ClassEntry, ...] = self.manifest.classes
         self._check_shards(verify)
         self._reset_runtime_state()
@@ -182,6 +196,8 @@ class ClassStore:
                         "decoding it again", path, array.dtype, array.shape,
                         self._entries[base].label, expected)
             return None
+        if self.decode_cache_max_bytes is not None:
+            touch(path)  # the cap evicts the entries used longest ago
         return torch.from_numpy(array)
 
     def _write_shared(self, path: Path, images: torch.Tensor) -> bool:
@@ -197,7 +213,6 @@ class ClassStore:
             # Readers see the whole file or none: two processes decoding the same class at
             # once both write, and the last rename wins with identical bytes.
             os.replace(tmp, path)
-            return True
         except OSError as exc:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
@@ -205,6 +220,24 @@ class ClassStore:
             log.warning("decode cache %s: cannot write (%s); this process keeps the classes "
                         "it decodes to itself", self.decode_cache, exc)
             return False
+        if self.decode_cache_max_bytes is not None:
+            self._evict(keep=path)
+        return True
+
+    def _evict(self, keep: Path) -> None:
+        root = self.decode_cache.parent
+        try:
+            recent = evict_least_recent(root, self.decode_cache_max_bytes, keep)
+        except OSError as exc:  # a cache that cannot be listed is still a cache
+            log.warning("decode cache %s: cannot enforce its size cap (%s)", root, exc)
+            return
+        if recent and not self._thrash_warned:
+            self._thrash_warned = True
+            log.warning(
+                "decode cache %s: over its cap of %.3g GB, evicted %d entries used within "
+                "the last minute; classes in use are decoded again and again: raise "
+                "data.decode_cache_max_gb above what the running jobs read", root,
+                self.decode_cache_max_bytes / 1e9, recent)
 
     def _decode_cache_key(self) -> str:
         content = json.dumps({
@@ -321,12 +354,14 @@ class ClassStore:
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._cache_writable = True
+        self._thrash_warned = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Open files and the lock cannot travel; the cache could but would bloat every
         # copy sent to a worker. The receiver does not re-verify the shards.
         state = self.__dict__.copy()
-        for key in ("_files", "_pid", "_cache", "_lock", "_cache_writable"):
+        for key in ("_files", "_pid", "_cache", "_lock", "_cache_writable",
+                    "_thrash_warned"):
             del state[key]
         return state
 

@@ -49,7 +49,8 @@ def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Stream
 
     def sampler(split: str, seed: int, stream: str) -> EpisodeSampler:
         store = ClassStore(root / split, image_size=pre.image_size, channels=pre.channels,
-                           decode_cache=data.decode_cache)
+                           decode_cache=data.decode_cache,
+                           decode_cache_max_gb=data.decode_cache_max_gb)
         shots, queries = shape[stream]
         return EpisodeSampler(
             store, ways=data.ways, shots=shots, queries=queries, seed=seed, preprocessing=pre,

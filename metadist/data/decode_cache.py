@@ -1,0 +1,71 @@
+"""A size cap for the shared decode cache: least recently used entries go first.
+
+The cache (``ClassStore``'s ``decode_cache``) is one directory of keyed subdirectories,
+one per dataset split and preprocessing, each holding a ``.npy`` file per decoded class.
+Every process on the node writes to it, so there is no owner to keep an index: the file
+system is the index. A process that writes an entry sums the directory and, while it is
+over the cap, deletes the entry used longest ago; readers mark use by bumping an entry's
+mtime. Entries of a dataset that is no longer read are the oldest, so they go first.
+
+Deleting an entry another process is about to open only makes that process decode the
+class again. Deleting one it has already mapped takes nothing from it: the mapping keeps
+the file's pages alive until the process drops it (so in ``/dev/shm`` the memory comes
+back only then: the cap bounds what the directory holds, not what live processes map).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+# A writer killed between mkstemp and the rename leaves its temporary file behind; one
+# this old is no write in flight (a class is written in well under a second).
+STALE_TMP_SECONDS = 3600.0
+# An evicted entry touched this recently was still in use: the cap is too small.
+RECENT_SECONDS = 60.0
+
+
+def touch(entry: Path) -> None:
+    """Mark ``entry`` as used now (a read-only or vanished entry is left as it is)."""
+    with contextlib.suppress(OSError):
+        os.utime(entry)
+
+
+def evict_least_recent(root: Path, max_bytes: int, keep: Path) -> int:
+    """Delete ``.npy`` entries under ``root``'s subdirectories, least recently used
+    first, until they and the temporary files of writes in flight hold at most
+    ``max_bytes``; never ``keep`` (the entry just written). Stale temporary files are
+    deleted as well. Returns how many of the entries deleted were used within the last
+    minute (more than none: the cap is smaller than what is being read)."""
+    now = time.time()
+    entries: list[tuple[int, Path, int]] = []
+    total = 0
+    for path in root.glob("*/*"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # another process evicted or renamed it meanwhile
+            continue
+        if path.suffix == ".tmp":
+            if now - stat.st_mtime > STALE_TMP_SECONDS:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            else:
+                total += stat.st_size
+        elif path.suffix == ".npy":
+            total += stat.st_size
+            if path != keep:
+                entries.append((stat.st_mtime_ns, path, stat.st_size))
+    recent = 0
+    for mtime_ns, path, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass  # another writer evicted it first; its bytes are gone all the same
+        else:
+            recent += now - mtime_ns / 1e9 < RECENT_SECONDS
+        total -= size
+    return recent
