@@ -251,7 +251,8 @@ def render(tables: dict[str, list[Row]], results: Path = RESULTS, spec_path: Pat
         "the run was: `cpu` is the documented budget that fits the 2-core development",
         "machine, far shorter than the papers' runs (`full`, the command given), so a gap to",
         "the paper there measures the budget, not the implementation. *Train time* is the",
-        "meta-training with its periodic validation; the 600-episode meta-test comes on top.",
+        "meta-training with its periodic validation; the 600-episode meta-test comes on top",
+        "(a run resumed from a checkpoint: its time from that step on, as the column says).",
         "*Ours, paper's queries* is the same model meta-tested again on the same episodes'",
         "classes with the paper's own queries per class (Finn et al.'s code: as many as",
         "shots; Nichol et al.'s: one): with the queries' batch statistics that count moves",
@@ -280,6 +281,9 @@ def render(tables: dict[str, list[Row]], results: Path = RESULTS, spec_path: Pat
                 continue
             r = record["result"]
             minutes = r.get("train_seconds", record["wall_seconds"]) / 60
+            # A resumed run timed only its own steps: say so rather than under-report.
+            since = (f" from step {r['resumed_from_step']:,}"
+                     if r.get("resumed_from_step") else "")
             m = record["machine"]
             where = m.get("gpu") or f"{m['cpus']}-core CPU"
             pq = record.get("paper_queries")
@@ -289,7 +293,7 @@ def render(tables: dict[str, list[Row]], results: Path = RESULTS, spec_path: Pat
                 f"| {row.split} | {row.setting} | {row.algorithm} | "
                 f"**{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}** | {theirs} | {paper} | "
                 f"{paper_nt} | "
-                f"{record['budget']} | {r['steps']:,} | {minutes:.0f} min | {where} |"
+                f"{record['budget']} | {r['steps']:,} | {minutes:.0f} min{since} | {where} |"
             )
             if (results / table / f"{row.id}.png").is_file():
                 curves.append(row.id)

@@ -113,6 +113,13 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
     saved["note"] = "ran 4,000 steps"  # a record's own note is printed under its table
     (results / "omniglot" / f"{row.id}.json").write_text(json.dumps(saved))
     assert f"- `{row.id}`: ran 4,000 steps" in reproduce.render(tables, results)
+    # A resumed run timed only its own steps, and its row says where they began.
+    assert "from step" not in line
+    saved["result"]["resumed_from_step"] = 2
+    (results / "omniglot" / f"{row.id}.json").write_text(json.dumps(saved))
+    page = reproduce.render(tables, results)
+    line = next(x for x in page.splitlines() if x.startswith("| 1200-423 | 5w1s | maml |"))
+    assert " min from step 2 |" in line
 
 
 def test_the_cpu_a_row_ran_on_is_named_by_its_vector_instruction_sets(tmp_path):
