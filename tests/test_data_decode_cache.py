@@ -138,25 +138,30 @@ def test_the_cap_evicts_the_least_recently_used_entries(split: Path, tmp_path: P
     cap = 3.5 * size / 1e9  # room for three entries
     key = ClassStore(split, decode_cache=cache).decode_cache
     # An entry of another dataset (or image size) no one has read for a day.
-    stale = cache / "other-key" / "0.npy"
+    stale = cache / "train-12px-1ch-0123456789abcdef" / "0.npy"
     stale.parent.mkdir()
+    foreign = cache / "someone-else" / "0.npy"  # not a metadist key: never touched
+    foreign.parent.mkdir()
+    shutil.copy(key / "0.npy", foreign)
+    age(foreign, 86400)
     shutil.copy(key / "0.npy", stale)
     age(stale, 86400)
     first = ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap)
     for c in (1, 2):
         first.load_class(c)
-    assert not stale.exists()  # three entries fit, four do not: the oldest went
+    assert not stale.exists() and foreign.exists()  # three fit, four do not: the oldest went
     for c, seconds in ((0, 300), (1, 200), (2, 100)):
         age(key / f"{c}.npy", seconds)
     # A reader of class 0 marks it used, so class 1 is now the least recently used.
     reader = no_decoding(ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap))
     assert reader.load_class(0).equal(plain.load_class(0))
     ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap).load_class(3)
-    assert sorted(entries(cache)) == [f"{key.name}/{c}.npy" for c in (0, 2, 3)]
+    assert sorted(entries(cache)) == ["someone-else/0.npy"] + [
+        f"{key.name}/{c}.npy" for c in (0, 2, 3)]
     # An evicted class is decoded again, not lost.
     assert ClassStore(split, decode_cache=cache, decode_cache_max_gb=cap).load_class(1) \
         .equal(plain.load_class(1))
-    assert len(entries(cache)) == 3
+    assert len(entries(cache)) == 4 and foreign.exists()
 
 
 def test_the_cap_keeps_the_entry_just_written_and_clears_dead_writes(

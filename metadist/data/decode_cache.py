@@ -42,12 +42,14 @@ def evict_least_recent(root: Path, max_bytes: int, keep: Path) -> int:
     now = time.time()
     entries: list[tuple[int, Path, int]] = []
     total = 0
-    for path in root.glob("*/*"):
+    # Only metadist's keyed subdirectories (ClassStore._decode_cache_key): a cache put
+    # straight in a shared directory such as /dev/shm must never touch others' files.
+    for path in root.glob("*-*px-*ch-*/*"):
         try:
             stat = path.stat()
         except FileNotFoundError:  # another process evicted or renamed it meanwhile
             continue
-        if path.suffix == ".tmp":
+        if path.suffix == ".tmp" and path.name.startswith("."):
             if now - stat.st_mtime > STALE_TMP_SECONDS:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
