@@ -27,6 +27,16 @@ STALE_TMP_SECONDS = 3600.0
 RECENT_SECONDS = 60.0
 
 
+def key_name(split: str, image_size: int, channels: int, digest: str) -> str:
+    """The subdirectory of one split and preprocessing; ``KEY_GLOB`` matches it."""
+    return f"{split}-{image_size}px-{channels}ch-{digest}"
+
+
+# Eviction looks only here: a cache put straight in a shared directory such as /dev/shm
+# must never touch others' files.
+KEY_GLOB = "*-*px-*ch-*"
+
+
 def touch(entry: Path) -> None:
     """Mark ``entry`` as used now (a read-only or vanished entry is left as it is)."""
     with contextlib.suppress(OSError):
@@ -42,9 +52,7 @@ def evict_least_recent(root: Path, max_bytes: int, keep: Path) -> int:
     now = time.time()
     entries: list[tuple[int, Path, int]] = []
     total = 0
-    # Only metadist's keyed subdirectories (ClassStore._decode_cache_key): a cache put
-    # straight in a shared directory such as /dev/shm must never touch others' files.
-    for path in root.glob("*-*px-*ch-*/*"):
+    for path in root.glob(f"{KEY_GLOB}/*"):
         try:
             stat = path.stat()
         except FileNotFoundError:  # another process evicted or renamed it meanwhile

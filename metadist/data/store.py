@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from metadist.data.decode_cache import evict_least_recent, touch
+from metadist.data.decode_cache import evict_least_recent, key_name, touch
 from metadist.data.images import decode_image, resize
 from metadist.data.location import Location
 from metadist.data.schema import MANIFEST_NAME, SHARD_SCHEMA, ClassEntry, Manifest
@@ -246,7 +246,7 @@ class ClassStore:
             "image_size": self.image_size, "channels": self.channels,
         }, sort_keys=True)
         digest = hashlib.sha256(content.encode()).hexdigest()[:16]
-        return f"{self.manifest.split}-{self.image_size}px-{self.channels}ch-{digest}"
+        return key_name(self.manifest.split, self.image_size, self.channels, digest)
 
     def _decode_class(self, base: int) -> torch.Tensor:
         entry = self._entries[base]
