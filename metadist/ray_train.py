@@ -4,12 +4,13 @@ checkpoint after a failure, and each worker's share of every meta-batch streams 
 a pool of episode actors (``metadist.pipeline``). The loop itself is ``metadist.train``.
 
 Ray Train's workers get no signal when the job is stopped or preempted: the driver does.
-Its first SIGTERM is passed on through a small actor that the workers poll once a step,
-so they end after the step in flight with a checkpoint, as a single process would.
+Its first SIGTERM is passed on through a small actor whose answer the workers check once
+a step, so they end after the step in flight with a checkpoint, as a single process would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -24,6 +25,7 @@ import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from metadist.checkpoint import load_checkpoint
 from metadist.config import Config, config_from_dict, to_dict, train_episode_shape
@@ -76,7 +78,9 @@ def train_on_ray(
         run_dir = out / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     run_dir = Path(run_dir).resolve()
     storage = Path(config.ray.storage_path).resolve() if config.ray.storage_path else out / "ray"
-    stop_flag = StopFlag.remote()
+    # On the driver's node: a flag lost with another node would fail the workers' poll.
+    stop_flag = StopFlag.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -116,16 +120,19 @@ def train_on_ray(
 
 @ray.remote(num_cpus=0)
 class StopFlag:
-    """Set by the driver on SIGTERM, read by the workers once a step."""
+    """Set by the driver on SIGTERM. Each worker keeps one ``wait()`` call open, which
+    returns when it is set: a worker learns of the stop in the step in flight, where a
+    polled answer would be a step old (and the stop a step late, past the grace)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = asyncio.Event()  # async methods: a waiting call never blocks set
 
-    def set(self) -> None:
-        self.requested = True
+    async def set(self) -> None:
+        self.requested.set()
 
-    def get(self) -> bool:
-        return self.requested
+    async def wait(self) -> bool:
+        await self.requested.wait()
+        return True
 
 
 @contextlib.contextmanager
@@ -154,19 +161,14 @@ def sigterm_passed_on(stop_flag):
 
 class StopPoll:
     """``train``'s ``stop``: whether the driver asked to stop, without waiting on Ray in
-    the step (the answer to the last question, if it has come; then the next is asked)."""
+    the step (the open ``wait()`` call has returned or not)."""
 
     def __init__(self, stop_flag) -> None:
-        self.flag, self.pending = stop_flag, stop_flag.get.remote()
+        self.answer = stop_flag.wait.remote()
 
     def __call__(self) -> bool:
-        ready, _ = ray.wait([self.pending], timeout=0)
-        if not ready:
-            return False
-        if ray.get(self.pending):
-            return True
-        self.pending = self.flag.get.remote()
-        return False
+        ready, _ = ray.wait([self.answer], timeout=0)
+        return bool(ready) and ray.get(self.answer)  # an error (the flag lost) raises
 
 
 def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
