@@ -5,6 +5,7 @@ refused; a run that cannot work fails within seconds with a message that says wh
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +115,40 @@ def test_a_running_job_is_stopped_after_a_checkpointed_step(cluster, tmp_path, c
     capsys.readouterr()
     assert main(["jobs", "status", "raysubmit_nosuchjob"]) == 2
     assert "raysubmit_nosuchjob" in capsys.readouterr().err
+
+
+def test_a_stopped_sweep_job_leaves_a_resumable_sweep(cluster, mlflow_server, tmp_path, capsys):
+    # `jobs stop` on a `--tune` job: the sweep's driver gets the SIGTERM (and the job its
+    # grace period), stops its trials and leaves the sweep resumable, not summarised.
+    from mlflow import MlflowClient
+
+    uri, _ = mlflow_server
+    rc = main(["submit", "configs/tune_sinusoid_maml.yaml", "--tune", "train.steps=400",
+               "train.val_every=50", "train.checkpoint_every=100", "train.val_episodes=20",
+               "eval.episodes=20", "train.progress=false", "tune.num_samples=3",
+               "tune.max_concurrent=1", "tune.scheduler=none", f"train.output_dir={tmp_path}",
+               "--mlflow-uri", uri, "--no-follow"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    job_id = out.split("submitted ", 1)[1].split()[0]
+    sweep_dir = tmp_path / "sweeps" / "tune_sinusoid_maml"
+    wait_for(lambda: any(sweep_dir.glob("trials/*/checkpoints/step-0000100.pt")), 240,
+             "the sweep's first trial to checkpoint")
+    t0 = time.time()
+    assert main(["jobs", "stop", job_id]) == 0
+    assert f"{job_id}: STOPPED" in capsys.readouterr().out
+    stopped_in = time.time() - t0
+    logs = Jobs().logs(job_id)
+    assert "trials ran their full length" in logs and "--resume" in logs, logs[-3000:]
+    assert not (sweep_dir / "best_result.json").exists()  # not summarised
+    parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(parent_id).info.status == "KILLED"
+    trials = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert trials and "RUNNING" not in {t.info.status for t in trials}
+    with capsys.disabled():
+        print(f"sweep stop -> STOPPED in {stopped_in:.0f} s")
 
 
 def test_a_request_without_the_clusters_token_is_refused(cluster, tmp_path, capsys):
