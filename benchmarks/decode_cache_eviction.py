@@ -22,37 +22,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from episode_pipeline import dataset  # converts into data/ if missing
 
 from metadist.data.decode_cache import evict_least_recent, key_name
 from metadist.data.store import ClassStore
+from metadist.reproduce import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-DATASETS = {
-    # name: (converted split, convert command)
-    "omniglot": (ROOT / "data" / "omniglot" / "train",
-                 ["omniglot", str(SHARED / "omniglot"), str(ROOT / "data" / "omniglot")]),
-    "miniimagenet": (ROOT / "data" / "miniimagenet" / "train",
-                     ["miniimagenet", str(SHARED / "miniimagenet"),
-                      str(ROOT / "data" / "miniimagenet")]),
-}
-
-
-def ensure(name: str) -> Path:
-    split, convert = DATASETS[name]
-    if not split.is_dir():
-        subprocess.run([sys.executable, "-m", "metadist.cli", "data", "convert", *convert],
-                       check=True)
-    return split
 
 
 def fill(split: Path, cache: Path, max_gb: float | None, classes: int) -> list[float]:
@@ -73,7 +55,7 @@ def cache_bytes(cache: Path) -> int:
 
 
 def real_rows(name: str, classes: int | None) -> tuple[list[str], float]:
-    split = ensure(name)
+    split = dataset(name, ROOT / "data" / name) / "train"
     every = ClassStore(split, verify=False).num_base_classes
     classes = every if classes is None else min(classes, every)
     rows = []
@@ -125,9 +107,11 @@ def main() -> None:
     ap.add_argument("--mini-classes", type=int,
                     help="classes of miniImageNet's training split to write (default: all)")
     args = ap.parse_args()
+    m = machine()
     lines = [
-        f"# Decode-cache size cap: cost per write ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, /dev/shm)", "",
+        "# Decode-cache size cap: cost per write", "",
+        f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['platform']}; cache in /dev/shm.",
+        "",
         "Filling an empty cache with a training split's classes (decode + write, one "
         "process, no in-memory cache):", "",
         "| dataset | cap | classes | total (s) | vs uncapped | ms/class, first tenth | "

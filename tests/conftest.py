@@ -147,3 +147,13 @@ def sigterm_after_first_step(client, proc: subprocess.Popen, timeout: float,
     finally:
         proc.kill()
     return runs[0].info.run_id, err
+
+
+def child_runs(uri: str, parent_id: str) -> list:
+    """The MLflow runs whose parent is ``parent_id`` (a sweep's trials)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_id}'")

@@ -16,7 +16,13 @@ import pytest
 
 # Imported before any test captures output: Ray's log handler keeps the stream it was
 # created with.
-from conftest import free_port, local_ray_cluster, start_mlflow_server, stop_mlflow_server
+from conftest import (
+    child_runs,
+    free_port,
+    local_ray_cluster,
+    start_mlflow_server,
+    stop_mlflow_server,
+)
 
 from metadist import cluster as local_cluster
 from metadist.cli import main
@@ -142,10 +148,8 @@ def test_a_stopped_sweep_job_leaves_a_resumable_sweep(cluster, mlflow_server, tm
     assert "trials ran their full length" in logs and "--resume" in logs, logs[-3000:]
     assert not (sweep_dir / "best_result.json").exists()  # not summarised
     parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
-    client = MlflowClient(uri)
-    assert client.get_run(parent_id).info.status == "KILLED"
-    trials = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                                f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert MlflowClient(uri).get_run(parent_id).info.status == "KILLED"
+    trials = child_runs(uri, parent_id)
     assert trials and "RUNNING" not in {t.info.status for t in trials}
     with capsys.disabled():
         print(f"sweep stop -> STOPPED in {stopped_in:.0f} s")

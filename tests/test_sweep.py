@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import child_runs
 
 from metadist.config import ConfigError, load_config
 from metadist.sweep import search_space, trial_config
@@ -35,15 +36,6 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-5000:]
     return out
-
-
-def child_runs(uri: str, parent_id: str) -> list:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    parent = client.get_run(parent_id)
-    return client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
 # -- the search space --------------------------------------------------------------------
