@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from metadist.config import ConfigError, absolute_paths, load_config
+from metadist.data.decode_cache import SizeCap, key_name
 from metadist.data.store import ClassStore
 from metadist.data.streams import open_streams
 from metadist.data.synthetic import make_synthetic
@@ -184,6 +185,60 @@ def test_the_cap_keeps_the_entry_just_written_and_clears_dead_writes(
     warnings = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
     assert len(warnings) == 1  # once per process, not once per eviction
     assert "data.decode_cache_max_gb" in warnings[0] and str(cache) in warnings[0]
+
+
+ENTRY = 100  # bytes of each entry below
+CAP = 100_000  # room for 1,000 of them; SizeCap's slack, 1% of it: 10
+
+
+def write_entry(key: Path, i: int) -> Path:
+    path = key / f"{i}.npy"
+    path.write_bytes(bytes(ENTRY))
+    stamp = 1_700_000_000_000_000_000 + i * 1_000_000  # entry i used at ms i
+    os.utime(path, ns=(stamp, stamp))
+    return path
+
+
+def held(key: Path) -> int:
+    return ENTRY * len(os.listdir(key))
+
+
+def test_a_single_writer_scans_once_per_slack_and_holds_the_cap(tmp_path: Path) -> None:
+    key = tmp_path / key_name("train", 28, 1, "0" * 16)
+    key.mkdir()
+    cap = SizeCap(tmp_path, CAP)
+    writes = 3_000
+    for i in range(writes):
+        cap.wrote(write_entry(key, i), ENTRY)
+        assert held(key) <= CAP  # after every write, not only after a scan
+    # Filling, a scan each 10 writes; full, each eviction makes room for the next 10.
+    assert writes / 11 - 2 <= cap.scans <= writes / 10 + 1
+    left = sorted(int(name.split(".")[0]) for name in os.listdir(key))
+    assert left == list(range(writes - len(left), writes))  # the most recently used
+    assert held(key) >= CAP - cap.slack - ENTRY  # it evicts down to 99%, no further
+
+
+def test_concurrent_writers_each_go_over_by_at_most_the_slack(tmp_path: Path) -> None:
+    key = tmp_path / key_name("train", 28, 1, "0" * 16)
+    key.mkdir()
+    writers = [SizeCap(tmp_path, CAP) for _ in range(3)]  # processes sharing the cache
+    over = 0
+    for i in range(3_000):
+        writers[i % 3].wrote(write_entry(key, i), ENTRY)
+        over = max(over, held(key) - CAP)
+    # Each writer cannot see what the other two wrote since its last scan.
+    assert 0 < over <= 2 * writers[0].slack
+    # More than one per 10 writes (a scan that leaves another's writes near the cap is
+    # followed by another at the next write), still far fewer than one per write.
+    assert sum(w.scans for w in writers) <= 3_000 / 5
+
+
+def test_a_store_under_a_roomy_cap_scans_once(split: Path, tmp_path: Path) -> None:
+    store = ClassStore(split, decode_cache=tmp_path / "cache", decode_cache_max_gb=1.0)
+    for c in range(CLASSES):
+        store.load_class(c)
+    assert len(entries(tmp_path / "cache")) == CLASSES
+    assert store._size_cap.scans == 1  # its first write's: nothing written since comes near
 
 
 def test_a_cap_needs_a_cache_and_a_positive_size(split: Path, tmp_path: Path) -> None:

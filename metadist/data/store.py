@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from metadist.data.decode_cache import evict_least_recent, key_name, touch
+from metadist.data.decode_cache import SizeCap, key_name, touch
 from metadist.data.images import decode_image, resize
 from metadist.data.location import Location
 from metadist.data.schema import MANIFEST_NAME, SHARD_SCHEMA, ClassEntry, Manifest
@@ -209,6 +209,7 @@ class ClassStore:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.save(f, images.numpy())
+                size = f.tell()
             os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the entry from other users
             # Readers see the whole file or none: two processes decoding the same class at
             # once both write, and the last rename wins with identical bytes.
@@ -220,14 +221,14 @@ class ClassStore:
             log.warning("decode cache %s: cannot write (%s); this process keeps the classes "
                         "it decodes to itself", self.decode_cache, exc)
             return False
-        if self.decode_cache_max_bytes is not None:
-            self._evict(keep=path)
+        if self._size_cap is not None:
+            self._evict(keep=path, size=size)
         return True
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self, keep: Path, size: int) -> None:
         root = self.decode_cache.parent
         try:
-            recent = evict_least_recent(root, self.decode_cache_max_bytes, keep)
+            recent = self._size_cap.wrote(keep, size)
         except OSError as exc:  # a cache that cannot be listed is still a cache
             log.warning("decode cache %s: cannot enforce its size cap (%s)", root, exc)
             return
@@ -355,13 +356,15 @@ class ClassStore:
         self._lock = threading.Lock()
         self._cache_writable = True
         self._thrash_warned = False
+        self._size_cap = None if self.decode_cache_max_bytes is None else SizeCap(
+            self.decode_cache.parent, self.decode_cache_max_bytes)
 
     def __getstate__(self) -> dict[str, Any]:
         # Open files and the lock cannot travel; the cache could but would bloat every
         # copy sent to a worker. The receiver does not re-verify the shards.
         state = self.__dict__.copy()
         for key in ("_files", "_pid", "_cache", "_lock", "_cache_writable",
-                    "_thrash_warned"):
+                    "_thrash_warned", "_size_cap"):
             del state[key]
         return state
 
