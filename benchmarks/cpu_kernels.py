@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from metadist.checkpoint import load_checkpoint
-from metadist.reproduce import load_rows, machine
+from metadist.launch.reproduce import load_rows, machine
+from metadist.training.checkpoint import load_checkpoint
 
 # --variants name: (table label, environment switches)
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {

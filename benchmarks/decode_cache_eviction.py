@@ -33,7 +33,7 @@ from episode_pipeline import dataset  # converts into data/ if missing
 
 from metadist.data.decode_cache import evict_least_recent, key_name
 from metadist.data.store import ClassStore
-from metadist.reproduce import machine
+from metadist.launch.reproduce import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 

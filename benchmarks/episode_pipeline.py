@@ -40,8 +40,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from metadist.pipeline import EpisodePipeline  # noqa: E402
-from metadist.reproduce import machine as reproduce_machine  # noqa: E402
+from metadist.launch.reproduce import machine as reproduce_machine  # noqa: E402
+from metadist.runners.pipeline import EpisodePipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -58,7 +58,7 @@ TRAINERS = {
 def dataset(name: str, path: Path) -> Path:
     if (path / "dataset.json").is_file():
         return path
-    from metadist.data import convert_miniimagenet, convert_omniglot
+    from metadist.data.ingest import convert_miniimagenet, convert_omniglot
 
     print(f"converting {name} into {path} ...", flush=True)
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def consumption(config: Path, overrides: list[str], steps: int, threads: int) ->
 
 
 def machine() -> dict:
-    """metadist.reproduce.machine() (the CPU and its instruction sets, as records name
+    """metadist.launch.reproduce.machine() (the CPU and its instruction sets, as records name
     them) and what bears on the pipeline's rates."""
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
     return {**reproduce_machine(), "mem_gb": int(mem) / 2**20,

@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--record", action="store_true",
                         help="also write each result into its row's record")
     args = parser.parse_args()
-    from metadist import reproduce
-    from metadist.evaluate import evaluate_checkpoint
+    from metadist.launch import reproduce
+    from metadist.training.evaluate import evaluate_checkpoint
 
     rows = {r.id: r for t in reproduce.load_rows().values() for r in t}
 

@@ -27,7 +27,7 @@ import yaml
 
 import metadist.algorithms.inner_loop as inner_loop
 import metadist.algorithms.meta as meta
-import metadist.evaluate as evaluate
+import metadist.training.evaluate as evaluate
 
 STATE: dict = {"t": 0, "m": {}, "v": {}}  # the one Adam of Nichol et al.'s code
 EVALUATING = [False]

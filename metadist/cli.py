@@ -1,24 +1,31 @@
-"""The ``metadist`` command: train, tune, eval, data convert."""
+"""The ``metadist`` command: argument parsing and dispatch only. Each command calls the
+library function that does the work (``metadist.launch``, ``metadist.training``,
+``metadist.data.ingest``) and prints what it returns.
+
+Commands import their launcher when they run, so that ``metadist --help`` and the data
+tools do not pay for importing torch, Ray and MLflow.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from metadist.cluster import ClusterError, add_cluster_commands
-from metadist.config import ConfigError, uses_ray
-from metadist.jobs import add_job_commands
-from metadist.signals import sigterm_unwinds
+from metadist.config import ConfigError, load_config, resolve_config
+from metadist.launch.cluster import STATE_ENV, ClusterError
+from metadist.launch.jobs import ROOT
+from metadist.tracking import TrackingError
+from metadist.training.signals import sigterm_unwinds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from metadist.tracking import TrackingError
-
     try:
         with sigterm_unwinds():
             return args.func(args)
@@ -29,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metadist", description=__doc__)
+    parser = argparse.ArgumentParser(prog="metadist", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="meta-train from a YAML config, then meta-test")
@@ -95,13 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_synthetic)
-    add_cluster_commands(sub)  # cluster up/down/status
-    add_job_commands(sub)  # submit, jobs
+    add_cluster_commands(sub)
+    add_job_commands(sub)
     return parser
 
 
+# -- train, tune, reproduce, eval ---------------------------------------------------------
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from metadist.config import load_config
+    from metadist.launch.run import tracked_training
 
     config = load_config(resolve_config(args.config), args.overrides)
     if args.resume:
@@ -110,25 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def tracked_training(config, tags: dict[str, str] | None = None) -> dict:
-    """One MLflow run (unless tracking is off) around ``run_training``."""
-    tracker = None
-    if config.tracking.enabled:
-        from metadist.tracking import MLflowTracker
-
-        # Fails here, before any compute, if the store is unreachable.
-        tracker = MLflowTracker(config, tags=tags)
-    with tracker or contextlib.nullcontext():
-        result = run_training(config, tracker)
-        if tracker is not None:
-            result["mlflow_run_id"] = tracker.run_id
-            result["mlflow_tracking_uri"] = tracker.uri
-    return result
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
-    from metadist.config import load_config
-    from metadist.sweep import run_sweep
+    from metadist.launch.sweep import run_sweep
 
     # `metadist tune CONFIG ... resume` reads as well as `--resume`.
     resume = args.resume or "resume" in args.overrides
@@ -148,7 +141,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from metadist import reproduce
+    from metadist.launch import reproduce
 
     tables = reproduce.load_rows()
     rows = reproduce.select(tables, args.table, args.rows.split(",") if args.rows else None)
@@ -168,23 +161,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_training(config, tracker) -> dict:
-    """In this process, or on Ray Train when ``workers > 1`` (or ``ray.enabled=true``)."""
-    if not uses_ray(config):
-        from metadist.train import train
-
-        return train(config, tracker)
-    from metadist.ray_train import train_on_ray
-
-    return train_on_ray(
-        config,
-        mlflow_run_id=tracker.run_id if tracker is not None else None,
-        tracking_uri=tracker.uri if tracker is not None else None,
-    )
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from metadist.evaluate import evaluate_checkpoint
+    from metadist.training.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.checkpoint, episodes=args.episodes, split=args.split, dataset=args.dataset,
@@ -194,8 +172,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_result(result: dict) -> None:
+    metric = result["metric"]
+    print(
+        f"meta-test {metric}: {result['mean']:.4f} ± {result['ci95']:.4f} (95% CI, "
+        f"{result['episodes']} episodes of the {result.get('split', 'test')} split)"
+    )
+    print(json.dumps(result, indent=2))
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    from metadist.data import convert_imagefolder, convert_miniimagenet, convert_omniglot
+    from metadist.data.ingest import convert_imagefolder, convert_miniimagenet, convert_omniglot
 
     if args.format == "omniglot":
         out = convert_omniglot(
@@ -215,7 +205,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
-    from metadist.data import make_synthetic
+    from metadist.data.ingest import make_synthetic
 
     out = make_synthetic(
         args.out, classes=args.classes, images_per_class=args.images_per_class,
@@ -239,24 +229,192 @@ def describe_dataset(out: Path) -> str:
     return "\n".join(lines)
 
 
-def resolve_config(name: str) -> Path:
-    """A path, or the name of a file in ./configs (``omniglot_5w1s_maml``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (Path("configs") / name, Path("configs") / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config not found: {name}")
+# -- cluster up / down / status --------------------------------------------------------------
 
 
-def print_result(result: dict) -> None:
-    metric = result["metric"]
-    print(
-        f"meta-test {metric}: {result['mean']:.4f} ± {result['ci95']:.4f} (95% CI, "
-        f"{result['episodes']} episodes of the {result.get('split', 'test')} split)"
+def add_cluster_commands(sub: Any) -> None:
+    p = sub.add_parser("cluster", help="start or stop a local multi-node Ray cluster")
+    cmds = p.add_subparsers(dest="cluster_command", required=True)
+    u = cmds.add_parser("up", help="start a head and N worker nodes on 127.0.0.1")
+    u.add_argument("--local", action="store_true", required=True,
+                   help="on this machine (the only kind metadist starts itself)")
+    u.add_argument("--nodes", type=int, default=2, help="worker nodes besides the head")
+    u.add_argument("--cpus", type=float, default=2, help="CPUs of each worker node")
+    u.add_argument("--head-cpus", type=float, default=0,
+                   help="CPUs of the head (default 0: it runs drivers, not workers)")
+    u.add_argument("--object-store-mb", type=int, default=512, help="per node")
+    u.add_argument("--port", type=int, help="GCS port (default 6379, or a free one)")
+    u.add_argument("--dashboard-port", type=int, help="default 8265, or a free one")
+    u.add_argument("--state", help=f"state file (default ${STATE_ENV} or "
+                   "~/.metadist/local-cluster.json)")
+    u.set_defaults(func=cmd_cluster_up)
+    d = cmds.add_parser("down", help="stop exactly the processes `up` started")
+    d.add_argument("--state", help="state file")
+    d.add_argument("--keep-temp", action="store_true", help="keep Ray's logs and temp dir")
+    d.set_defaults(func=cmd_cluster_down)
+    s = cmds.add_parser("status", help="the recorded cluster's nodes, alive or not")
+    s.add_argument("--state", help="state file")
+    s.set_defaults(func=cmd_cluster_status)
+
+
+def cmd_cluster_up(args: Any) -> int:
+    from metadist.launch import cluster
+
+    cluster.up(nodes=args.nodes, cpus=args.cpus, head_cpus=args.head_cpus,
+               object_store_mb=args.object_store_mb, port=args.port,
+               dashboard_port=args.dashboard_port, state=args.state)
+    return 0
+
+
+def cmd_cluster_down(args: Any) -> int:
+    from metadist.launch import cluster
+
+    cluster.down(args.state, keep_temp=args.keep_temp)
+    return 0
+
+
+def cmd_cluster_status(args: Any) -> int:
+    from metadist.launch import cluster
+
+    print(cluster.status(args.state))
+    return 0
+
+
+# -- submit / jobs ---------------------------------------------------------------------------
+
+
+class _Intermixed(argparse.ArgumentParser):
+    """Takes options among the positionals: ``submit CONFIG --address URL key=value``."""
+
+    _plain = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._plain:
+            return super().parse_known_args(args, namespace)
+        self._plain = True  # the intermixed parse calls this (twice) for its passes
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._plain = False
+
+
+def add_job_commands(sub: Any) -> None:
+    p = sub.add_parser("submit", help="run a config on a Ray cluster (Ray Jobs API) and "
+                       "follow its log")
+    p.__class__ = _Intermixed  # the subparsers action creates plain parsers
+    p.add_argument("config", help="YAML config under configs/ (shipped with the repository)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=2")
+    p.add_argument("--tune", action="store_true", help="run `metadist tune` instead of train")
+    p.add_argument("--working-dir", type=Path, default=ROOT,
+                   help=f"directory shipped to the cluster, the job's working directory "
+                   f"(default: {ROOT})")
+    _connection_args(p)
+    p.add_argument("--mlflow-uri", help="tracking URI for the run (default: on the local "
+                   "cluster yours, else the cluster's $MLFLOW_TRACKING_URI)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable)")
+    p.add_argument("--pip", action="store_true",
+                   help="have Ray install metadist's dependencies for the job, pinned to the "
+                   "versions installed here (off by default: the cluster's image has them, "
+                   "and an offline cluster could not download them)")
+    p.add_argument("--requirements", metavar="FILE",
+                   help="have Ray install the packages of this requirements file instead")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
+    _connection_args(p)
+    p.set_defaults(func=cmd_jobs)
+    cmds = p.add_subparsers(dest="jobs_command")
+    c = cmds.add_parser("list", help="every job: id, status, start, entrypoint")
+    _connection_args(c)
+    for name, text in (("status", "status and message of a job"),
+                       ("logs", "a job's log so far"), ("stop", "stop a running job")):
+        c = cmds.add_parser(name, help=text)
+        c.add_argument("job_id")
+        _connection_args(c)
+        if name == "logs":
+            c.add_argument("--follow", "-f", action="store_true", help="until the job ends")
+        if name == "stop":
+            c.add_argument("--no-wait", action="store_true", help="do not wait until stopped")
+
+
+def _connection_args(p: Any) -> None:
+    # SUPPRESS: a flag given before the subcommand (`jobs --address X status ID`) is not
+    # reset by the subcommand's own default.
+    p.add_argument("--address", default=argparse.SUPPRESS,
+                   help="job API, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS,"
+                   " an http $RAY_ADDRESS, or the cluster from `metadist cluster up --local`)")
+    p.add_argument("--token-file", default=argparse.SUPPRESS,
+                   help="Ray auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, "
+                   "~/.ray/auth_token)")
+
+
+def cmd_submit(args: Any) -> int:
+    from metadist.launch.jobs import submit
+
+    jobs, job_id, entrypoint = submit(
+        args.config, args.overrides, tune=args.tune, address=getattr(args, "address", None),
+        token_file=getattr(args, "token_file", None), working_dir=args.working_dir,
+        mlflow_uri=args.mlflow_uri, env=args.env, pip=args.pip,
+        requirements=args.requirements,
     )
-    print(json.dumps(result, indent=2))
+    print(f"submitted {job_id} to {jobs.address}: {entrypoint}", flush=True)
+    if args.no_follow:
+        print(f"follow it with: metadist jobs logs {job_id} --follow")
+        return 0
+    return _follow_to_end(jobs, job_id)
+
+
+def _follow_to_end(jobs, job_id: str) -> int:
+    try:
+        status = jobs.follow(job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running: metadist jobs stop {job_id}",
+              file=sys.stderr)
+        return 130
+    info = jobs.info(job_id)
+    print(f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED"
+                                       and info.message else ""), file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: Any) -> int:
+    from metadist.launch.jobs import Jobs
+
+    jobs = Jobs(getattr(args, "address", None), getattr(args, "token_file", None))
+    if args.jobs_command in (None, "list"):  # bare `metadist jobs` lists
+        rows = sorted(jobs.list(), key=lambda j: j.start_time or 0)
+        print(f"{'job id':<30} {'status':<10} {'started':<19}  entrypoint")
+        for j in rows:
+            started = (datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+                       if j.start_time else "")
+            print(f"{j.submission_id or j.job_id:<30} {j.status:<10} {started:<19}  "
+                  f"{_short(j.entrypoint)}")
+        return 0
+    if args.jobs_command == "status":
+        info = jobs.info(args.job_id)
+        print(f"{args.job_id}: {info.status}")
+        if info.message:
+            print(info.message)
+        return 0 if info.status not in ("FAILED", "STOPPED") else 1
+    if args.jobs_command == "logs":
+        if args.follow:
+            return _follow_to_end(jobs, args.job_id)
+        print(jobs.logs(args.job_id), end="")
+        return 0
+    jobs.stop(args.job_id)  # "stop"
+    if not args.no_wait:
+        deadline = time.time() + 60
+        while not jobs.status(args.job_id).is_terminal() and time.time() < deadline:
+            time.sleep(0.5)
+    print(f"{args.job_id}: {jobs.status(args.job_id)}")
+    return 0
+
+
+def _short(text: str | None, width: int = 90) -> str:
+    text = text or ""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -222,26 +222,10 @@ PATH_KEYS = ("data.dataset", "data.decode_cache", "train.output_dir", "ray.stora
              "resume", "tune.storage_path")
 
 
-def absolute_paths(config: Config) -> dict[str, str]:
-    """``{key: absolute path}`` for each of the config's local paths that is relative
-    (URIs and the built-in ``sinusoid`` data set are not paths)."""
-    from metadist.data.location import is_uri
-
-    flat = flatten(config)
-    return {
-        key: str(Path(value).resolve()) for key in PATH_KEYS
-        if isinstance(value := flat.get(key), str) and value and value != "sinusoid"
-        and not is_uri(value) and not Path(value).is_absolute()
-    }
-
-
 def validate(config: Config) -> None:
     choices = {
         "model.name": (config.model.name, ("conv4", "mlp")),
-        "algorithm.name": (config.algorithm.name, ("maml", "fomaml", "anil", "reptile")),
         "algorithm.outer_optimizer": (config.algorithm.outer_optimizer, ("adam", "sgd")),
-        "algorithm.inner_optimizer": (config.algorithm.inner_optimizer, ("sgd", "adam")),
-        "algorithm.inner_state": (config.algorithm.inner_state, ("task", "carried")),
         "train.inner_loop": (config.train.inner_loop, ("auto", "loop", "vmap")),
         "train.precision": (config.train.precision, ("fp32", "bf16")),
         "model.pool": (config.model.pool, ("max", "stride")),
@@ -257,10 +241,6 @@ def validate(config: Config) -> None:
         "data.shots": (config.data.shots, 1),
         "data.train_shots": (config.data.train_shots, 1),
         "data.train_queries": (config.data.train_queries, 1),  # the training curves' scores
-        "algorithm.inner_steps": (config.algorithm.inner_steps, 1),
-        "algorithm.test_inner_steps": (config.algorithm.test_inner_steps, 1),
-        "algorithm.inner_batch": (config.algorithm.inner_batch, 0),
-        "algorithm.test_inner_batch": (config.algorithm.test_inner_batch, 0),
         "algorithm.meta_batch_size": (config.algorithm.meta_batch_size, 1),
         "eval.episodes": (config.eval.episodes, 1),
         "eval.batch_size": (config.eval.batch_size, 1),
@@ -272,11 +252,9 @@ def validate(config: Config) -> None:
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
-    for key, value in {"algorithm.inner_lr": config.algorithm.inner_lr,
-                       "algorithm.outer_lr": config.algorithm.outer_lr}.items():
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be > 0")
-    _validate_inner_optimizer(config.algorithm)
+    if not config.algorithm.outer_lr > 0:
+        raise ConfigError(f"algorithm.outer_lr={config.algorithm.outer_lr} must be > 0")
+    _validate_algorithm(config.algorithm)
     final = config.algorithm.outer_lr_final
     if final is not None and not 0 <= final <= config.algorithm.outer_lr:
         raise ConfigError(f"algorithm.outer_lr_final={final} must lie in [0, algorithm.outer_lr="
@@ -294,24 +272,16 @@ def validate(config: Config) -> None:
                               "data.decode_cache is not set (name a node-local directory)")
 
 
-def _validate_inner_optimizer(algorithm: AlgorithmConfig) -> None:
-    betas = algorithm.inner_betas
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"algorithm.inner_betas={list(betas)} must be two values in [0, 1)")
-    first_order = (algorithm.first_order if algorithm.first_order is not None
-                   else algorithm.name in ("fomaml", "reptile"))
-    if algorithm.inner_optimizer == "adam" and not first_order:
-        raise ConfigError(
-            f"algorithm.inner_optimizer='adam' needs a first-order algorithm; "
-            f"algorithm.name={algorithm.name!r} differentiates through the inner loop "
-            "(use fomaml or reptile, or algorithm.first_order=true)"
-        )
-    if algorithm.inner_state == "carried" and algorithm.inner_optimizer != "adam":
-        raise ConfigError(
-            f"algorithm.inner_state='carried' carries the inner Adam's moments; "
-            f"algorithm.inner_optimizer={algorithm.inner_optimizer!r} has none "
-            "(set algorithm.inner_optimizer=adam)"
-        )
+def _validate_algorithm(algorithm: AlgorithmConfig) -> None:
+    """The algorithm's rules live with the algorithm: its meta-training step and its
+    meta-test step are built here once, and a value they refuse names its config key."""
+    from metadist.algorithms.meta import MetaStep
+
+    for test in (False, True):
+        try:
+            MetaStep.from_config(algorithm, test=test)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def train_episode_shape(data: DataConfig) -> tuple[int, int]:
@@ -328,3 +298,14 @@ def uses_ray(config: Config) -> bool:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
+
+
+def resolve_config(name: str) -> Path:
+    """A path, or the name of a file in ./configs (``omniglot_5w1s_maml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (Path("configs") / name, Path("configs") / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config not found: {name}")

@@ -23,12 +23,9 @@ from torch import Tensor
 
 from metadist.algorithms import MetaStep, adapt
 from metadist.algorithms.inner_loop import Moments
-from metadist.checkpoint import load_checkpoint
-from metadist.config import config_from_dict
 from metadist.data.episodes import Preprocessing
 from metadist.data.images import load_image
-from metadist.evaluate import carried_moments
-from metadist.models import check_params, model_from_spec
+from metadist.training.checkpoint import load_trained
 
 
 class Learner:
@@ -42,16 +39,12 @@ class Learner:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Learner:
-        state = load_checkpoint(checkpoint, map_location=device)
-        # Through the config schema: a checkpoint from before a key existed gets its default.
-        step = MetaStep.from_config(config_from_dict(state["config"]).algorithm, test=True)
-        pre = state.get("preprocessing")
+        trained = load_trained(checkpoint, device)
+        step = MetaStep.from_config(trained.config.algorithm, test=True)
+        pre = trained.state.get("preprocessing")
         preprocessing = Preprocessing(**pre) if pre is not None else None
-        model = model_from_spec(state["model"])
-        check_params(model, state["params"], str(checkpoint))
-        params = {k: v.to(device) for k, v in state["params"].items()}
-        carried = carried_moments(state, step, device)
-        return cls(model, params, preprocessing, step, torch.device(device),
+        carried = trained.carried_moments(step, device)
+        return cls(trained.model, trained.params, preprocessing, step, torch.device(device),
                    None if carried is None else carried.start)
 
     def as_module(self) -> FewShotModule:

@@ -1,4 +1,8 @@
-"""MLflow tracking of a run: params (the flattened config), tags, curves, artifacts.
+"""MLflow tracking of a run: params (the flattened config), tags, curves, artifacts,
+models. The only module of metadist that imports MLflow: every run, sweep and trial opens
+its MLflow run through ``tracked_run``, and the launchers' other MLflow operations (a
+sweep's trials, a reproduced row's extra metrics, the registered model) are functions
+here.
 
 The embedded default is a SQLite store in the working directory (MLflow 3 refuses a bare
 file store); ``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` point elsewhere, e.g.
@@ -13,6 +17,7 @@ import subprocess
 import time
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,6 +63,19 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             "tracking.tracking_uri / MLFLOW_TRACKING_URI elsewhere, or set "
             "tracking.enabled=false."
         ) from None
+
+
+@contextlib.contextmanager
+def tracked_run(config: Config, *, when: bool = True, **kwargs) -> Iterator[MLflowTracker | None]:
+    """The MLflow run around a block, or None when ``tracking.enabled`` is false or this
+    process does not track (``when=False``: ranks > 0). ``kwargs`` go to ``MLflowTracker``.
+    The store is checked before the block runs, so an unreachable one fails before any
+    compute is spent; the run ends FINISHED, KILLED (interrupted) or FAILED with it."""
+    if not (when and config.tracking.enabled):
+        yield None
+        return
+    with MLflowTracker(config, **kwargs) as tracker:
+        yield tracker
 
 
 class MLflowTracker:
@@ -175,6 +193,24 @@ class MLflowTracker:
                           stacklevel=3)
             self.outage = False
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.mlflow.log_params(params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.mlflow.set_tags(tags)
+
+    def log_model(self, module, name: str, *, code_paths: list[str],
+                  pip_requirements: list[str]) -> dict[str, Any]:
+        """``module`` as an MLflow PyTorch model of this run, registered as ``name``."""
+        info = self.mlflow.pytorch.log_model(
+            module, name="model", registered_model_name=name,
+            # Adapting runs autograd inside forward, which torch.export's pt2 cannot hold.
+            serialization_format="pickle", code_paths=code_paths,
+            pip_requirements=pip_requirements,
+        )
+        version = info.registered_model_version
+        return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         try:
             self.mlflow.log_artifact(str(path), artifact_path)
@@ -201,6 +237,61 @@ class MLflowTracker:
             warnings.warn(f"MLflow run {self.run_id}: could not tag the stop ({err})",
                           stacklevel=2)
         self.log_artifact(checkpoint, "checkpoints")
+
+
+# -- runs other than this process's own: a sweep's trials, a finished run ----------------
+
+
+def child_run_id(uri: str, parent_run_id: str, tag: str, value: str) -> str | None:
+    """The nested run of ``parent_run_id`` tagged ``tag=value``, if there is one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{tag}` = '{value}'",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def end_running_children(uri: str, parent_run_id: str, status: str = "KILLED") -> None:
+    """End the nested runs of ``parent_run_id`` still RUNNING (their processes are gone)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    for run in client.search_runs(
+            [parent.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, status)
+
+
+def end_run(uri: str, run_id: str, status: str, tags: dict[str, Any]) -> None:
+    """Tag and end a run another process opened."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
+
+
+def log_to_run(uri: str, run_id: str, metrics: dict[str, float],
+               params: dict[str, Any]) -> None:
+    """Add metrics and params to a run after it ended; a failure only warns (the caller
+    keeps what it logs in its own record)."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+    except Exception as err:
+        warnings.warn(f"MLflow run {run_id}: could not log {sorted(metrics)} ({err})",
+                      stacklevel=2)
 
 
 def run_params(config: Config) -> dict[str, str]:

@@ -40,7 +40,7 @@ def real_data(*parts: str) -> Path:
 def omniglot_small(tmp_path_factory) -> Path:
     """Real Omniglot: the authors' minimal background set 1 (136 characters) for training
     and validation, the full evaluation set held out for testing, with rotations."""
-    from metadist.data import convert_omniglot
+    from metadist.data.ingest import convert_omniglot
 
     out = tmp_path_factory.mktemp("omniglot") / "omniglot-small1"
     return convert_omniglot(
@@ -53,7 +53,7 @@ def omniglot_small(tmp_path_factory) -> Path:
 def local_ray_cluster(state: Path, nodes: int):
     """A local multi-node Ray cluster of the test's own (its own state file, 1-CPU worker
     nodes, Ray's address variables cleared), always torn down."""
-    from metadist import cluster
+    from metadist.launch import cluster
 
     keys = (cluster.STATE_ENV, "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")
     saved = {k: os.environ.get(k) for k in keys}

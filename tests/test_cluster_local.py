@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import local_ray_cluster
 
-from metadist import cluster as local_cluster
-from metadist.checkpoint import load_checkpoint
 from metadist.cli import main
-from metadist.jobs import Jobs, read_token
+from metadist.launch import cluster as local_cluster
+from metadist.launch.jobs import Jobs, read_token
+from metadist.training.checkpoint import load_checkpoint
 
 SINUSOID = "configs/sinusoid_maml.yaml"
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from metadist.data.convert import convert_imagefolder
 from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing
+from metadist.data.ingest.convert import convert_imagefolder
+from metadist.data.ingest.synthetic import make_synthetic
 from metadist.data.store import ClassStore
-from metadist.data.synthetic import make_synthetic
 
 
 @pytest.fixture(scope="module")

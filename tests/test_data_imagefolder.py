@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from metadist.data.convert import convert_imagefolder
+from metadist.data.ingest.convert import convert_imagefolder
 from metadist.data.schema import Manifest
 from metadist.data.store import ClassStore
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import real_data
 
-from metadist.data.convert import convert_miniimagenet
+from metadist.data.ingest.convert import convert_miniimagenet
 from metadist.data.schema import Manifest
 from metadist.data.store import ClassStore
 

@@ -167,7 +167,7 @@ def test_pipeline_actors_read_from_s3(s3: S3, omniglot_small: Path) -> None:
     # credentials from the environment they inherit from the driver.
     import ray
 
-    from metadist.pipeline import EpisodePipeline
+    from metadist.runners.pipeline import EpisodePipeline
 
     task = dict(ways=5, shots=1, queries=3, seed=11)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -235,7 +235,7 @@ def test_s3_manifest_cannot_point_outside_its_split(s3: S3, name: str) -> None:
 
 
 def test_training_reads_the_dataset_from_s3(s3: S3, omniglot_small: Path, tmp_path: Path) -> None:
-    from metadist.train import train
+    from metadist.training.loop import train
 
     def run(dataset: str, out: Path) -> dict:
         cfg = load_config(

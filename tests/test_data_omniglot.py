@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import real_data
 
-from metadist.data.convert import convert_omniglot
 from metadist.data.episodes import EpisodeSampler
+from metadist.data.ingest.convert import convert_omniglot
 from metadist.data.schema import DatasetInfo, Manifest
 from metadist.data.store import ClassStore
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from metadist.data.ingest.synthetic import make_synthetic
 from metadist.data.schema import (
     SHARD_SCHEMA,
     DatasetInfo,
@@ -17,7 +18,6 @@ from metadist.data.schema import (
     check_shard_name,
 )
 from metadist.data.store import ClassStore
-from metadist.data.synthetic import make_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_manifest_round_trip(dataset: Path, manifest_dict: dict) -> None:
     info = DatasetInfo.load(dataset / "dataset.json")
     assert info.dataset == "synthetic"
     assert info.splits == ("train", "val", "test")
-    assert info.converter["function"] == "metadist.data.synthetic.make_synthetic"
+    assert info.converter["function"] == "metadist.data.ingest.synthetic.make_synthetic"
 
 
 def _set(d: dict, path: str, value: object) -> None:

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from metadist.data.ingest.synthetic import make_synthetic
+from metadist.data.ingest.writer import sha256_file
 from metadist.data.schema import SHARD_SCHEMA
 from metadist.data.store import ClassStore
-from metadist.data.synthetic import make_synthetic
-from metadist.data.writer import sha256_file
 
 SHARD = "shard-00000.parquet"
 

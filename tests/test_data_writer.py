@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from metadist.data.ingest.synthetic import make_synthetic
+from metadist.data.ingest.writer import ClassData, SplitData, write_dataset
 from metadist.data.schema import ImageInfo, Manifest, PreprocessingInfo, SourceInfo
 from metadist.data.store import ClassStore
-from metadist.data.synthetic import make_synthetic
-from metadist.data.writer import ClassData, SplitData, write_dataset
 
 CONVERTER = {"function": "tests.hand_written", "args": {}}
 

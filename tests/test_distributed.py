@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import run_torchrun, run_workers
 
-from metadist.checkpoint import load_checkpoint
 from metadist.config import load_config
-from metadist.distributed import all_reduce_sum
-from metadist.train import train
+from metadist.training.checkpoint import load_checkpoint
+from metadist.training.distributed import all_reduce_sum
+from metadist.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,14 +114,14 @@ def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import os, signal, sys\n"
-        "import metadist.train, metadist.worker\n"
-        "real, calls = metadist.train.meta_gradient, []\n"
+        "import metadist.training.loop, metadist.worker\n"
+        "real, calls = metadist.training.loop.meta_gradient, []\n"
         "def meta_gradient(*args, **kwargs):\n"
         "    calls.append(1)\n"
         "    if os.environ['RANK'] == '1' and len(calls) == 4:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(*args, **kwargs)\n"
-        "metadist.train.meta_gradient = meta_gradient\n"
+        "metadist.training.loop.meta_gradient = meta_gradient\n"
         "out = sys.argv[sys.argv.index('--run-dir') + 1] + '.exit.' + os.environ['RANK']\n"
         "try:\n"
         "    metadist.worker.main(sys.argv[1:])\n"

@@ -24,9 +24,9 @@ from conftest import (
     stop_mlflow_server,
 )
 
-from metadist import cluster as local_cluster
 from metadist.cli import main
-from metadist.jobs import Jobs
+from metadist.launch import cluster as local_cluster
+from metadist.launch.jobs import Jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 SINUSOID = "configs/sinusoid_maml.yaml"
@@ -211,7 +211,7 @@ def test_runs_that_cannot_work_fail_fast_with_a_clear_message(cluster, tmp_path)
         "workers=64": "workers=64 need 64 x {CPU 1}, but the nodes hold at most 2",
         "ray.use_gpu=true": "a worker needs {CPU 1, GPU 1}",
     }
-    from metadist.jobs import runtime_env
+    from metadist.launch.jobs import runtime_env
 
     t0 = time.time()
     submitted = {jobs.submit(" ".join([*base, "workers=2", override]),

@@ -15,7 +15,7 @@ from metadist.algorithms import adapted_scores
 from metadist.config import load_config
 from metadist.data import ClassStore, EpisodeSampler, Manifest, Preprocessing
 from metadist.data.episodes import MetaBatch
-from metadist.train import train
+from metadist.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

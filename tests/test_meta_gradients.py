@@ -244,7 +244,7 @@ def test_adapted_scores_are_the_same_on_both_paths():
 
 
 def test_unknown_algorithm_is_rejected():
-    with pytest.raises(ValueError, match="algorithm must be one of"):
+    with pytest.raises(ValueError, match="algorithm='protonet' is not one of"):
         MetaStep("protonet")
 
 
@@ -370,7 +370,7 @@ def test_evaluation_starts_from_the_carried_state_and_leaves_it():
 def test_carried_inner_state_needs_adam():
     with pytest.raises(ValueError, match="needs inner_optimizer 'adam'"):
         MetaStep("reptile", inner_state="carried")
-    with pytest.raises(ValueError, match="inner_state must be"):
+    with pytest.raises(ValueError, match="inner_state='shared' is not one of"):
         MetaStep("reptile", inner_optimizer="adam", inner_state="shared")
 
 

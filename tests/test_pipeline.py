@@ -7,7 +7,6 @@ create few of them and build the pipelines of a test together, before the first 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -22,8 +21,8 @@ import torch
 
 from metadist.data import ClassStore, EpisodeSampler, MetaBatch
 from metadist.data.schema import SHARD_SCHEMA
-from metadist.distributed import shard_bounds
-from metadist.pipeline import EpisodePipeline, PipelineError
+from metadist.runners.pipeline import EpisodePipeline, PipelineError
+from metadist.training.distributed import shard_bounds
 
 TASK = dict(ways=5, shots=1, queries=3, seed=11)
 
@@ -131,21 +130,16 @@ def test_rank_shards_concatenate_to_the_meta_batch(
             p.close()
 
 
-def test_dead_actors_are_replaced(
-    ray_session: None, split: Path, sampler: EpisodeSampler, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_dead_actors_are_restarted(ray_session: None, split: Path, sampler: EpisodeSampler) -> None:
     with pipeline(split, num_actors=2, prefetch=3) as pipe:
         for step in range(2):
             assert_same(pipe.get(step), sampler.meta_batch(step, 4))
-        killed = pipe.actors[0]
-        with caplog.at_level(logging.WARNING, logger="metadist.pipeline"):
-            ray.kill(killed)
-            for step in range(2, 6):
-                assert_same(pipe.get(step), sampler.meta_batch(step, 4))
+        pid = ray.get(pipe.actors[0].pid.remote())
+        ray.kill(pipe.actors[0], no_restart=False)  # an actor Ray may restart, as after a crash
+        for step in range(2, 6):
+            assert_same(pipe.get(step), sampler.meta_batch(step, 4))
         assert pipe.stats()["actor_restarts"] == 1
-        assert pipe.actors[0] is not killed
-        assert f"episode actor 0 (actor id {killed._actor_id.hex()})" in caplog.text
-        assert "died" in caplog.text and "resubmitted" in caplog.text
+        assert ray.get(pipe.actors[0].pid.remote()) != pid
 
         pid = ray.get(pipe.actors[1].pid.remote())
         os.kill(pid, signal.SIGKILL)  # a crash, not a polite ray.kill
@@ -153,6 +147,18 @@ def test_dead_actors_are_replaced(
             assert_same(pipe.get(step), sampler.meta_batch(step, 4))
         assert pipe.stats()["actor_restarts"] == 2
         assert ray.get(pipe.actors[1].pid.remote()) != pid
+
+
+def test_an_actor_out_of_restarts_raises_pipeline_error(
+    ray_session: None, split: Path, sampler: EpisodeSampler
+) -> None:
+    with pipeline(split, num_actors=1, prefetch=2, max_restarts=0) as pipe:
+        assert_same(pipe.get(0), sampler.meta_batch(0, 4))
+        os.kill(ray.get(pipe.actors[0].pid.remote()), signal.SIGKILL)
+        with pytest.raises(PipelineError, match=r"episode actor 0 died and Ray restarted it "
+                                                r"0 times already \(max_restarts\)"):
+            for step in range(1, 4):
+                pipe.get(step)
 
 
 def test_corrupt_image_raises_pipeline_error(

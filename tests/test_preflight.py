@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from metadist.config import load_config
-from metadist.jobs import ROOT, job_arguments, pinned_requirements, runtime_env
-from metadist.preflight import check_dataset, check_resources
+from metadist.launch.jobs import ROOT, job_arguments, pinned_requirements, runtime_env
+from metadist.runners.preflight import check_dataset, check_resources
 
 HEAD = {"CPU": 0.0, "memory": 1e9}
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import run_workers, sigterm_after_first_step
 
-from metadist.checkpoint import load_checkpoint
 from metadist.config import load_config
-from metadist.train import train
+from metadist.training.checkpoint import load_checkpoint
+from metadist.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",

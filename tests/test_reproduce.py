@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from metadist import reproduce
 from metadist.config import ConfigError
+from metadist.launch import reproduce
 
 
 def test_every_row_loads_under_both_budgets():
@@ -83,7 +83,7 @@ def test_a_row_runs_is_recorded_and_rendered_beside_the_paper(tmp_path, omniglot
                                                   "AVX2", "AVX512", "SVE256"}
     assert (results / "omniglot" / f"{row.id}.png").is_file()
     # Meta-tested again on Finn et al.'s count (1 query per class at 1 shot), same episodes.
-    from metadist.evaluate import evaluate_checkpoint
+    from metadist.training.evaluate import evaluate_checkpoint
 
     theirs = evaluate_checkpoint(record["result"]["checkpoint"], episodes=12, queries=1)
     assert saved["paper_queries"] == {"queries": 1, "mean": theirs["mean"],

@@ -18,7 +18,7 @@ import yaml
 from conftest import child_runs
 
 from metadist.config import ConfigError, load_config
-from metadist.sweep import search_space, trial_config
+from metadist.launch.sweep import search_space, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
@@ -103,7 +103,7 @@ def test_trial_config_applies_sampled_values_and_checks_them():
 
 
 def test_an_existing_sweep_is_never_overwritten(tmp_path):
-    from metadist.sweep import run_sweep
+    from metadist.launch.sweep import run_sweep
 
     sweep_dir = tmp_path / "sweeps" / "tune_sinusoid_maml"
     sweep_dir.mkdir(parents=True)
@@ -328,7 +328,7 @@ def test_an_interrupted_trial_whose_process_could_not_end_its_run_is_ended_kille
 
     from mlflow import MlflowClient
 
-    from metadist.sweep import TRIAL_TAG, stop_interrupted
+    from metadist.launch.sweep import TRIAL_TAG, stop_interrupted
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -15,7 +15,7 @@ from conftest import free_port, sigterm_after_first_step, start_mlflow_server, s
 
 from metadist.config import load_config
 from metadist.tracking import MLflowTracker, git_commit, git_uncommitted
-from metadist.train import train
+from metadist.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

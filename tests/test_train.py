@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from metadist.checkpoint import load_checkpoint
 from metadist.cli import main
 from metadist.config import load_config
-from metadist.signals import sigterm_unwinds
-from metadist.train import train
+from metadist.training.checkpoint import load_checkpoint
+from metadist.training.loop import train
+from metadist.training.signals import sigterm_unwinds
 
 ROOT = Path(__file__).resolve().parents[1]
 SINUSOID = ROOT / "configs" / "sinusoid_maml.yaml"
@@ -68,9 +68,9 @@ def test_a_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_to_resume(
     import os
     import signal
 
-    import metadist.train
+    import metadist.training.loop
 
-    real, calls = metadist.train.meta_gradient, []
+    real, calls = metadist.training.loop.meta_gradient, []
 
     def meta_gradient(*args, **kwargs):
         calls.append(1)
@@ -84,7 +84,7 @@ def test_a_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_to_resume(
              "algorithm.outer_lr_final=0.0", "train.inner_loop=loop", "train.steps=12",
              "train.checkpoint_every=5"]
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(metadist.train, "meta_gradient", meta_gradient)
+    monkeypatch.setattr(metadist.training.loop, "meta_gradient", meta_gradient)
     with pytest.raises(SystemExit) as stopped, sigterm_unwinds():  # as `metadist train`
         train(sinusoid(tmp_path / "a", *extra))
     monkeypatch.undo()
@@ -107,7 +107,7 @@ def test_a_second_sigterm_does_not_wait_for_the_step(tmp_path, monkeypatch):
     import os
     import signal
 
-    import metadist.train
+    import metadist.training.loop
 
     noted = []
 
@@ -118,7 +118,7 @@ def test_a_second_sigterm_does_not_wait_for_the_step(tmp_path, monkeypatch):
         raise AssertionError("the second SIGTERM did not unwind")
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(metadist.train, "meta_gradient", meta_gradient)
+    monkeypatch.setattr(metadist.training.loop, "meta_gradient", meta_gradient)
     with pytest.raises(SystemExit) as stopped, sigterm_unwinds():
         train(sinusoid(tmp_path, "train.inner_loop=loop", "train.checkpoint_every=1"))
     assert stopped.value.code == 128 + signal.SIGTERM and noted == [1]
@@ -127,7 +127,7 @@ def test_a_second_sigterm_does_not_wait_for_the_step(tmp_path, monkeypatch):
 
 
 def test_a_carried_inner_state_is_checkpointed_and_evaluated_from(tmp_path):
-    from metadist.evaluate import evaluate_checkpoint
+    from metadist.training.evaluate import evaluate_checkpoint
 
     extra = ["algorithm.name=reptile", "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5",
              "algorithm.inner_steps=3", "algorithm.inner_optimizer=adam",
@@ -151,7 +151,7 @@ def test_a_carried_inner_state_is_checkpointed_and_evaluated_from(tmp_path):
 
 
 def test_eval_tests_on_the_queries_asked_for(tmp_path, capsys):
-    from metadist.evaluate import evaluate_checkpoint
+    from metadist.training.evaluate import evaluate_checkpoint
 
     result = train(sinusoid(tmp_path, "train.steps=20", "eval.episodes=50",
                             "train.inner_loop=loop"))
@@ -304,7 +304,7 @@ def test_eval_rejects_parameters_that_do_not_fit_the_model(tmp_path, capsys):
     state = load_checkpoint(result["checkpoint"])
     state["params"]["head.weight"] = torch.zeros(1, 7)
     state.pop("format")
-    from metadist.checkpoint import save_checkpoint
+    from metadist.training.checkpoint import save_checkpoint
 
     bad = save_checkpoint(tmp_path / "bad.pt", state)
     assert main(["eval", str(bad)]) == 2

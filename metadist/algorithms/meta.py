@@ -16,6 +16,7 @@ Two interchangeable ways to run the tasks' inner loops:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,14 @@ from metadist.algorithms.inner_loop import (
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile")
 
 
+class StepError(ValueError):
+    """A ``MetaStep`` field with a value the algorithm cannot run."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}{detail}")
+        self.field, self.detail = field, detail
+
+
 @dataclass(frozen=True)
 class MetaStep:
     """What one outer step needs to know about the algorithm."""
@@ -49,39 +58,60 @@ class MetaStep:
     inner_state: str = "task"  # Adam's moments: "task" (zero per task) | "carried"
 
     def __post_init__(self) -> None:
+        # The one home of these rules: a config's algorithm section is checked by building
+        # its steps (``from_config``), which names the config's keys in the message.
+        def bad(field: str, value, rule: str) -> StepError:
+            return StepError(field, f"={value!r} {rule}")
+
+        def choice(field: str, value, allowed: tuple) -> StepError:
+            return StepError(field, f"={value!r} is not one of {list(allowed)}")
+
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+            raise choice("algorithm", self.algorithm, ALGORITHMS)
+        if not self.inner_lr > 0 or not math.isfinite(self.inner_lr):
+            raise bad("inner_lr", self.inner_lr, "must be a finite number > 0")
         if self.inner_steps < 1:
-            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+            raise bad("inner_steps", self.inner_steps, "must be >= 1")
         if self.inner_batch < 0:
-            raise ValueError(f"inner_batch must be >= 0, got {self.inner_batch}")
+            raise bad("inner_batch", self.inner_batch, "must be >= 0")
         if self.inner_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got "
-                             f"{self.inner_optimizer!r}")
+            raise choice("inner_optimizer", self.inner_optimizer, ("sgd", "adam"))
         if self.inner_optimizer == "adam" and not self.is_first_order:
             # Differentiating through Adam's √v̂ is undefined where a gradient is 0.
-            raise ValueError("inner_optimizer 'adam' needs a first-order algorithm "
-                             "(fomaml, reptile, or first_order=True)")
+            raise bad("inner_optimizer", "adam",
+                      f"needs a first-order algorithm; {self.algorithm!r} differentiates "
+                      "through the inner loop (use fomaml or reptile, or first_order=true)")
         if self.inner_state not in ("task", "carried"):
-            raise ValueError(f"inner_state must be 'task' or 'carried', got "
-                             f"{self.inner_state!r}")
+            raise choice("inner_state", self.inner_state, ("task", "carried"))
         if self.inner_state == "carried" and self.inner_optimizer != "adam":
-            raise ValueError("inner_state 'carried' needs inner_optimizer 'adam' (SGD has no "
-                             "state to carry)")
+            raise bad("inner_state", "carried",
+                      "carries the inner Adam's moments and needs inner_optimizer 'adam' "
+                      f"(inner_optimizer {self.inner_optimizer!r} has none)")
+        betas = list(self.inner_betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise bad("inner_betas", betas, "must be two values in [0, 1)")
         object.__setattr__(self, "inner_betas", tuple(float(b) for b in self.inner_betas))
 
     @classmethod
     def from_config(cls, algorithm, *, test: bool = False) -> MetaStep:
         """The meta-training step (``test=False``) or the validation/meta-test inner loop of
         an ``AlgorithmConfig`` (or anything with its fields). Evaluation never builds an
-        outer graph, so it is always first order."""
+        outer graph, so it is always first order. A bad value raises ValueError naming the
+        config key (``algorithm.test_inner_steps=0 must be >= 1``)."""
         a = algorithm
-        if test:
-            batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
-            return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
+        keys = {"algorithm": "name"}
+        try:
+            if test:
+                keys["inner_steps"] = "test_inner_steps"
+                if a.test_inner_batch is not None:
+                    keys["inner_batch"] = "test_inner_batch"
+                batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
+                return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
+                           a.inner_optimizer, tuple(a.inner_betas), a.inner_state)
+            return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
                        a.inner_optimizer, tuple(a.inner_betas), a.inner_state)
-        return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
-                   a.inner_optimizer, tuple(a.inner_betas), a.inner_state)
+        except StepError as err:
+            raise ValueError(f"algorithm.{keys.get(err.field, err.field)}{err.detail}") from None
 
     def minibatches(self, support_size: int, seed: int, tasks: Iterable[int],
                     device: torch.device | str | None = None) -> Tensor | None:

@@ -1,13 +1,12 @@
-"""Few-shot image data: converters to a sharded on-disk format, class store, episodes.
+"""Few-shot data on the read path: Parquet shards -> classes -> seeded episodes.
 
-See ``metadist.data.schema`` for the on-disk layout.
+See ``metadist.data.schema`` for the on-disk layout; the converters that write it are in
+``metadist.data.ingest``.
 """
 
-from metadist.data.convert import convert_imagefolder, convert_miniimagenet, convert_omniglot
 from metadist.data.episodes import Episode, EpisodePlan, EpisodeSampler, MetaBatch, Preprocessing
 from metadist.data.schema import SHARD_SCHEMA, DatasetInfo, Manifest
 from metadist.data.store import ClassStore
-from metadist.data.synthetic import make_synthetic
 
 __all__ = [
     "SHARD_SCHEMA",
@@ -19,8 +18,14 @@ __all__ = [
     "Manifest",
     "MetaBatch",
     "Preprocessing",
-    "convert_imagefolder",
-    "convert_miniimagenet",
-    "convert_omniglot",
-    "make_synthetic",
 ]
+
+_MOVED = {"convert_imagefolder", "convert_miniimagenet", "convert_omniglot", "make_synthetic"}
+
+
+def __getattr__(name: str):
+    # A migration message, not an import: the read path never loads the converters.
+    if name in _MOVED:
+        raise AttributeError(f"metadist.data.{name} moved: use "
+                             f"`from metadist.data.ingest import {name}`")
+    raise AttributeError(f"module 'metadist.data' has no attribute {name!r}")

@@ -64,7 +64,7 @@ def sigterm_deferred(
 
     A handler the program installed itself is left alone (``requested()`` stays false), as
     is everything off the main thread (Ray Tune's trials; Ray Train's workers get no
-    signal, their driver passes the request on: ``metadist.ray_train``)."""
+    signal, their driver passes the request on: ``metadist.runners.ray_train``)."""
     received: list[int] = []
     current = signal.getsignal(signal.SIGTERM) if _can_install() else None
     # ray.init's handler only exits at once (sys.exit), which this does after the step; and

@@ -11,8 +11,11 @@ from typing import Any
 import torch
 
 from metadist.algorithms import CarriedMoments, MetaStep, adapted_scores
+from metadist.config import Config
 from metadist.data.episodes import MetaBatch
-from metadist.data.streams import episode_batch
+from metadist.data.streams import episode_batch, open_streams
+from metadist.training.checkpoint import load_trained
+from metadist.training.runtime import resolve_device
 
 
 def meta_test(
@@ -101,15 +104,17 @@ def confidence_95(values: torch.Tensor) -> float:
     return 1.96 * values.std(unbiased=False).item() / math.sqrt(n) if n else float("nan")
 
 
-def carried_moments(state: dict[str, Any], step: MetaStep, device: torch.device | str
-                    ) -> CarriedMoments | None:
-    """A checkpoint's inner Adam state when its run carried one, else None."""
-    if step.inner_state != "carried":
-        return None
-    carried = CarriedMoments()
-    if state.get("inner_moments") is not None:
-        carried.load_state_dict(state["inner_moments"], device)
-    return carried
+def protocol(cfg: Config, split: str, episodes: int) -> dict[str, Any]:
+    """What a reported score was measured on: enough to run the same meta-test again."""
+    return {
+        "dataset": cfg.data.dataset, "split": split, "ways": cfg.data.ways,
+        "shots": cfg.data.shots, "queries": cfg.data.queries, "seed": cfg.eval.seed,
+        "algorithm": cfg.algorithm.name, "episodes": episodes,
+        "inner_batch": MetaStep.from_config(cfg.algorithm, test=True).inner_batch,
+        "inner_optimizer": cfg.algorithm.inner_optimizer,
+        **({"inner_state": cfg.algorithm.inner_state}
+           if cfg.algorithm.inner_optimizer == "adam" else {}),
+    }
 
 
 def evaluate_checkpoint(
@@ -128,14 +133,9 @@ def evaluate_checkpoint(
     papers differ here (Finn et al.'s code tests on as many queries as shots, Nichol et
     al.'s on one), and with batch statistics taken from the queries it moves the score.
     """
-    from metadist.checkpoint import load_checkpoint
-    from metadist.config import config_from_dict
-    from metadist.data.streams import open_streams
-    from metadist.models import check_params, model_from_spec
-    from metadist.train import protocol, resolve_device
-
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
+    dev = resolve_device(device)
+    trained = load_trained(checkpoint, dev)
+    cfg = trained.config
     if dataset is not None:
         cfg.data.dataset = dataset
     if split is not None:
@@ -145,18 +145,15 @@ def evaluate_checkpoint(
             raise ValueError(f"queries must be an integer >= 1 (per class), got {queries!r}")
         cfg.data.queries = queries
     episodes = episodes or cfg.eval.episodes
-    dev = resolve_device(device)
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)
-    model = model_from_spec(state["model"])
-    check_params(model, state["params"], str(checkpoint))
-    params = {k: v.to(dev) for k, v in state["params"].items()}
     if inner_steps is not None:
         cfg.algorithm.test_inner_steps = inner_steps
     step = MetaStep.from_config(cfg.algorithm, test=True)
     result = meta_test(
-        model, params, streams.test, step, episodes=episodes, batch_size=cfg.eval.batch_size,
-        device=dev, protocol=protocol(cfg, cfg.data.test_split, episodes),
-        order_seed=cfg.eval.seed, carried=carried_moments(state, step, dev),
+        trained.model, trained.params, streams.test, step, episodes=episodes,
+        batch_size=cfg.eval.batch_size, device=dev,
+        protocol=protocol(cfg, cfg.data.test_split, episodes), order_seed=cfg.eval.seed,
+        carried=trained.carried_moments(step, dev),
     )
-    result.update(checkpoint=str(checkpoint), trained_steps=state["step"])
+    result.update(checkpoint=str(checkpoint), trained_steps=trained.state["step"])
     return result

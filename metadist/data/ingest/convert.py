@@ -13,10 +13,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from metadist.data.images import inspect_images, summarize
+from metadist.data.ingest.sources import DirSource, ImageSource, ZipSource
+from metadist.data.ingest.splits import STREAM_TEST, carve, seeded_order, split_by_fraction
+from metadist.data.ingest.writer import ClassData, SplitData, check_output, write_dataset
 from metadist.data.schema import SPLITS, ImageInfo, PreprocessingInfo, SourceInfo
-from metadist.data.sources import DirSource, ImageSource, ZipSource
-from metadist.data.splits import STREAM_TEST, carve, seeded_order, split_by_fraction
-from metadist.data.writer import ClassData, SplitData, check_output, write_dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

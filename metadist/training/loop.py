@@ -3,36 +3,43 @@
 checkpoints and the final meta-test.
 
 The same function is the loop of every worker: one process, each rank under ``torchrun``,
-or each Ray Train worker (``metadist.ray_train``). When a process group is up, worker r
-runs the inner loops of its slice of every meta-batch, the summed meta-gradients are
-all-reduced, and every worker takes the same outer step. Tracking, checkpoint reporting
-and the episode source are handed in; this module imports neither Ray nor MLflow.
+or each Ray Train worker (``metadist.runners.ray_train``). When a process group is up,
+worker r runs the inner loops of its slice of every meta-batch, the summed meta-gradients
+are all-reduced, and every worker takes the same outer step. Every rank runs every line:
+what only rank 0 does (files, tracking) is decided once, by the ``RunFiles`` and tracker
+it is given. A runner plugs in through ``Hooks``; this module imports neither Ray nor
+MLflow.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from metadist.algorithms import CarriedMoments, MetaStep, meta_gradient
-from metadist.checkpoint import load_checkpoint, save_checkpoint
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
-from metadist.data.streams import episode_batch, open_streams
-from metadist.distributed import all_reduce_sum, broadcast_from_rank0, rank_and_world, shard_bounds
-from metadist.evaluate import episode_scores, summarize
-from metadist.models import build_model, check_params, model_spec
-from metadist.signals import Stopped, sigterm_deferred
+from metadist.data.streams import Streams, episode_batch, open_streams
+from metadist.models import build_model, model_spec
+from metadist.training.checkpoint import load_trained, rng_state, save_checkpoint, set_rng_state
+from metadist.training.distributed import (
+    all_reduce_sum,
+    broadcast_from_rank0,
+    rank_and_world,
+    shard_bounds,
+)
+from metadist.training.evaluate import episode_scores, protocol, summarize
+from metadist.training.runtime import resolve_device, seed_everything
+from metadist.training.signals import Stopped, sigterm_deferred
 
 
 class NullTracker:
@@ -45,29 +52,38 @@ class NullTracker:
     def log_stop(self, step: int, checkpoint: Path) -> None: ...
 
 
+@dataclass
+class Hooks:
+    """What a runner plugs into the loop; the defaults are a plain process.
+
+    ``batches(step)``: this worker's share of meta-batch ``step`` (the Ray episode
+    pipeline); None reads it here. ``report(metrics, checkpoint)``: called on every worker
+    at each step that validated or checkpointed (Ray Train's and Ray Tune's report; rank 0
+    gets the checkpoint path, the others None). ``stop()``: polled once a step, true when a
+    driver asks the workers to stop (a Ray Train driver's SIGTERM, passed on).
+    """
+
+    batches: Callable[[int], MetaBatch] | None = None
+    report: Callable[[dict[str, float], Path | None], None] | None = None
+    stop: Callable[[], bool] | None = None
+
+
 def train(
     config: Config,
     tracker=None,
     resume: str | Path | None = None,
     *,
-    batches: Callable[[int], MetaBatch] | None = None,
-    report: Callable[[dict[str, float], Path | None], None] | None = None,
     run_dir: str | Path | None = None,
-    stop: Callable[[], bool] | None = None,
+    hooks: Hooks | None = None,
 ) -> dict[str, Any]:
     """Meta-train, then meta-test (or, with ``train.final_test=false``, end on the
     validation split: a tuning trial must never see the test classes).
 
-    ``batches(step)`` overrides where this worker's share of meta-batch ``step`` comes
-    from (the Ray episode pipeline). ``report(metrics, checkpoint)`` is called on every
-    worker at each step that validated or checkpointed (Ray Train's and Ray Tune's
-    report); ``metrics`` has the ``step``, rank 0 gets the checkpoint path, the others None.
-
-    A SIGTERM to this process, or ``stop()`` turning true (polled once a step: a Ray
-    Train driver's SIGTERM, passed on), ends the loop after the step in flight with a
-    checkpoint, reported like the periodic ones, and raises ``Stopped`` (exit status 143).
+    A SIGTERM to this process, or ``hooks.stop()`` turning true, ends the loop after the
+    step in flight with a checkpoint, reported like the periodic ones, and raises
+    ``Stopped`` (exit status 143).
     """
-    cfg = config
+    cfg, hooks = config, hooks or Hooks()
     rank, world = rank_and_world()
     tracker = tracker if tracker is not None and rank == 0 else NullTracker()
     resume = resume or cfg.resume
@@ -76,43 +92,34 @@ def train(
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    if run_dir is None:
-        run_dir = Path(cfg.train.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
-    run_dir = Path(run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    files = RunFiles(run_dir or Path(cfg.train.output_dir)
+                     / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S-%f}", writes=rank == 0)
+    files.write_config(cfg)
 
     # -- data, model, optimiser -----------------------------------------------
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)
-    model = build_model(
-        cfg.model, ways=cfg.data.ways, in_channels=streams.in_channels,
-        image_size=streams.image_size,
-    )
+    model = build_model(cfg.model, ways=cfg.data.ways, in_channels=streams.in_channels,
+                        image_size=streams.image_size)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    params = {
-        k: v.to(device).requires_grad_() for k, v in model.init_params(generator).items()
-    }
+    params = {k: v.to(device).requires_grad_()
+              for k, v in model.init_params(generator).items()}
     broadcast_from_rank0(list(params.values()))
     optimizer = make_optimizer(cfg, list(params.values()))
     schedule = make_schedule(cfg, optimizer)
-    meta_batch_size = cfg.algorithm.meta_batch_size
     meta_step = MetaStep.from_config(cfg.algorithm)
     test_step = MetaStep.from_config(cfg.algorithm, test=True)
     # The inner Adam's state, when it runs on from task to task (algorithm.inner_state).
     carried = CarriedMoments() if meta_step.inner_state == "carried" else None
-    start = 0
-    history: list[dict[str, float]] = []
+    start, history = 0, []
     if resume is not None:
         start, history = restore(resume, model, params, optimizer, schedule, carried)
-    lo, hi = shard_bounds(meta_batch_size, rank, world)
+    batch_size = cfg.algorithm.meta_batch_size
+    lo, hi = shard_bounds(batch_size, rank, world)  # this worker's tasks of every meta-batch
 
     def batch_at(step: int) -> tuple[MetaBatch, torch.Tensor | None]:
-        first = step * meta_batch_size
-        if batches is not None:
-            batch = batches(step)
-        else:
-            batch = episode_batch(streams.train, first + lo, first + hi)
+        first = step * batch_size
+        batch = (hooks.batches(step) if hooks.batches is not None
+                 else episode_batch(streams.train, first + lo, first + hi))
         # Task i's inner minibatches follow (seed, i), as its episode does.
         order = meta_step.minibatches(batch.support_x.shape[1], cfg.train.seed,
                                       range(first + lo, first + hi), device)
@@ -125,36 +132,24 @@ def train(
 
     inner_loop = cfg.train.inner_loop
     if inner_loop == "auto":
-        # Every worker must run the same path; rank 0 (which always has tasks) decides.
-        choice = torch.tensor([0.0])
-        if rank == 0:
-            probe = episode_batch(streams.train, 0, max(hi - lo, 1))
-            probe = MetaBatch(*(t.to(device) for t in probe))
-            order = meta_step.minibatches(probe.support_x.shape[1], cfg.train.seed,
-                                          range(probe.support_x.shape[0]), device)
-            with autocast():
-                picked = pick_inner_loop(model, params, probe, meta_step, cfg.train.chunk,
-                                         order)
-            choice[0] = float(picked == "vmap")
-        inner_loop = "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
+        with autocast():
+            inner_loop = agree_on_inner_loop(model, params, streams, meta_step, cfg,
+                                             max(hi - lo, 1), device)
 
     def checkpoint(step: int, name: str) -> Path | None:
-        path = None
-        if rank == 0:
-            path = save_checkpoint(run_dir / "checkpoints" / name, {
-                "config": to_dict(cfg),
-                "model": model_spec(model),
-                "preprocessing": None if streams.preprocessing is None
-                else vars(streams.preprocessing),
-                "params": {k: v.detach().cpu() for k, v in params.items()},
-                "optimizer": optimizer.state_dict(),
-                "inner_moments": None if carried is None else carried.state_dict(),
-                "step": step,
-                "sampler": {"seed": cfg.train.seed, "next_episode": step * meta_batch_size},
-                "rng": rng_state(),
-                "history": history,
-            })
-        return path
+        return files.checkpoint(name, lambda: {
+            "config": to_dict(cfg),
+            "model": model_spec(model),
+            "preprocessing": None if streams.preprocessing is None
+            else vars(streams.preprocessing),
+            "params": {k: v.detach().cpu() for k, v in params.items()},
+            "optimizer": optimizer.state_dict(),
+            "inner_moments": None if carried is None else carried.state_dict(),
+            "step": step,
+            "sampler": {"seed": cfg.train.seed, "next_episode": step * batch_size},
+            "rng": rng_state(),
+            "history": history,
+        })
 
     def evaluate(source, episodes: int, split: str) -> dict[str, Any]:
         # Each worker scores its slice of the episodes; the sum fills in everyone's gaps.
@@ -187,8 +182,9 @@ def train(
                     model, params, batch, meta_step, inner_loop=inner_loop,
                     chunk=cfg.train.chunk, order=order, carried=carried,
                 )
+            stop_asked = signalled() or (hooks.stop is not None and hooks.stop())
             stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0],
-                                  float(signalled() or (stop is not None and stop()))])
+                                  float(stop_asked)])
             moments = [] if carried is None else carried.pending_tensors()
             *reduced, stats = all_reduce_sum([grads[k] for k in params] + moments + [stats])
             n_tasks = stats[2].item()
@@ -201,20 +197,24 @@ def train(
                 schedule.step()
             tasks_seen += n_tasks
 
+            # -- what this step records, validates, checkpoints and reports ---------
             done = step + 1
+            last = done == cfg.train.steps
             record = {"step": done, "train_loss": stats[0].item() / n_tasks,
                       "elapsed_s": time.perf_counter() - t_start}
             if schedule is not None:
                 record["outer_lr"] = optimizer.param_groups[0]["lr"]
             if not batch.query_y.is_floating_point():
                 record["train_accuracy"] = stats[1].item() / n_tasks
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            if done % cfg.train.log_every == 0 or last:
                 record["tasks_per_s"] = tasks_seen / record["elapsed_s"]
                 record["data_wait_fraction"] = waited / record["elapsed_s"]
                 tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
-            if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
-                val = last_val = evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
+            validated = bool(cfg.train.val_every) and (done % cfg.train.val_every == 0 or last)
+            if validated:
+                val = last_val = evaluate(streams.val, cfg.train.val_episodes,
+                                          cfg.data.val_split)
                 record["val_" + val["metric"]] = val["mean"]
                 record["val_" + val["metric"] + "_ci95"] = val["ci95"]
                 tracker.log_metrics({k: v for k, v in record.items() if k.startswith("val_")},
@@ -226,22 +226,18 @@ def train(
             checkpointed = (bool(cfg.train.checkpoint_every)
                             and done % cfg.train.checkpoint_every == 0)
             path = checkpoint(done, f"step-{done:07d}.pt") if checkpointed else None
-            validated = any(k.startswith("val_") for k in record)
-            # The last step is reported once, with the final checkpoint, below.
-            reported = report is not None and (validated or checkpointed) and done < cfg.train.steps
-            if reported:
-                report(record, path)
-            if stats[3].item() > 0:
+            stopping = stats[3].item() > 0  # some worker was asked to stop
+            if stopping and not checkpointed:
+                path = checkpoint(done, f"step-{done:07d}.pt")
+            # The last step is reported once, with the final checkpoint, below; a stop
+            # with the checkpoint it resumes from.
+            due = (validated or checkpointed) and not last
+            if hooks.report is not None and (due or stopping):
+                hooks.report(record, path)
+            if stopping:
                 bar.close()
-                if not checkpointed:
-                    path = checkpoint(done, f"step-{done:07d}.pt")
-                if report is not None and not reported:  # Ray's storage gets it too
-                    report(record, path)
-                if rank == 0:
-                    if stop is None:  # else the driver that set stop() says it, once
-                        print(f"SIGTERM: stopped after step {done} of {cfg.train.steps}; "
-                              f"continue with resume={path}", file=sys.stderr, flush=True)
-                    tracker.log_stop(done, path)
+                announce_stop(done, cfg.train.steps, path, tracker, rank,
+                              by_driver=hooks.stop is not None)
                 raise Stopped(done, None if path is None else str(path))
     bar.close()
     train_seconds = time.perf_counter() - t_start
@@ -253,33 +249,55 @@ def train(
     else:
         result = last_val or evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
     result.update(
-        run_dir=str(run_dir), checkpoint=str(run_dir / "checkpoints" / "final.pt"),
+        run_dir=str(files.root), checkpoint=str(files.root / "checkpoints" / "final.pt"),
         inner_loop=inner_loop, train_seconds=train_seconds, steps=cfg.train.steps,
         resumed_from_step=start, device=str(device), workers=world,
         data_wait_fraction=waited / max(train_seconds, 1e-9),
     )
-    if rank == 0 and final is not None:
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-        (run_dir / "history.json").write_text(json.dumps(history))
+    files.write_result(result, history)
     if cfg.train.final_test:
         tracker.log_metrics({f"test_{result['metric']}": result["mean"],
                              f"test_{result['metric']}_ci95": result["ci95"]}, cfg.train.steps)
     tracker.log_result(result, history)
-    if report is not None:  # last: a scheduler may end this process once it has the result
-        report(history[-1] if history else {"step": cfg.train.steps}, final)
+    if hooks.report is not None:  # last: a scheduler may end this process once it has it
+        hooks.report(history[-1] if history else {"step": cfg.train.steps}, final)
     return result
 
 
-def protocol(cfg: Config, split: str, episodes: int) -> dict[str, Any]:
-    return {
-        "dataset": cfg.data.dataset, "split": split, "ways": cfg.data.ways,
-        "shots": cfg.data.shots, "queries": cfg.data.queries, "seed": cfg.eval.seed,
-        "algorithm": cfg.algorithm.name, "episodes": episodes,
-        "inner_batch": MetaStep.from_config(cfg.algorithm, test=True).inner_batch,
-        "inner_optimizer": cfg.algorithm.inner_optimizer,
-        **({"inner_state": cfg.algorithm.inner_state}
-           if cfg.algorithm.inner_optimizer == "adam" else {}),
-    }
+class RunFiles:
+    """The run directory. Only the worker that ``writes`` (rank 0) touches it; on the
+    others every method does nothing and returns None, so the loop has no rank branches."""
+
+    def __init__(self, root: str | Path, *, writes: bool) -> None:
+        self.root, self.writes = Path(root), writes
+        if writes:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: Config) -> None:
+        if self.writes:
+            (self.root / "config.yaml").write_text(to_yaml(cfg))
+
+    def checkpoint(self, name: str, state: Callable[[], dict[str, Any]]) -> Path | None:
+        """``state()`` is only gathered where it is written."""
+        if not self.writes:
+            return None
+        return save_checkpoint(self.root / "checkpoints" / name, state())
+
+    def write_result(self, result: dict[str, Any], history: list[dict[str, float]]) -> None:
+        if self.writes:
+            (self.root / "result.json").write_text(json.dumps(result, indent=2))
+            (self.root / "history.json").write_text(json.dumps(history))
+
+
+def announce_stop(done: int, steps: int, path: Path | None, tracker, rank: int, *,
+                  by_driver: bool) -> None:
+    """Say where to resume from; a driver that passed the stop on says it itself, once."""
+    if rank != 0:
+        return
+    if not by_driver:
+        print(f"SIGTERM: stopped after step {done} of {steps}; continue with resume={path}",
+              file=sys.stderr, flush=True)
+    tracker.log_stop(done, path)
 
 
 def make_optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -303,11 +321,11 @@ def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer):
 
 def restore(path, model, params, optimizer, schedule=None, carried: CarriedMoments | None = None
             ) -> tuple[int, list[dict[str, float]]]:
-    state = load_checkpoint(path)
-    check_params(model, state["params"], str(path))
+    trained = load_trained(path, model=model)
+    state = trained.state
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(state["params"][k])
+            p.copy_(trained.params[k])
     optimizer.load_state_dict(state["optimizer"])
     if carried is not None:
         if state.get("inner_moments") is None:
@@ -322,6 +340,21 @@ def restore(path, model, params, optimizer, schedule=None, carried: CarriedMomen
     if "rng" in state:
         set_rng_state(state["rng"])
     return int(state["step"]), list(state.get("history", []))
+
+
+def agree_on_inner_loop(model, params, streams: Streams, step: MetaStep, cfg: Config,
+                        tasks: int, device: torch.device) -> str:
+    """``train.inner_loop=auto``: rank 0 (which always has tasks) times both paths on a
+    real batch of its size; every worker must then run the path it picked."""
+    rank, _ = rank_and_world()
+    choice = torch.tensor([0.0])
+    if rank == 0:
+        probe = MetaBatch(*(t.to(device) for t in episode_batch(streams.train, 0, tasks)))
+        order = step.minibatches(probe.support_x.shape[1], cfg.train.seed,
+                                 range(probe.support_x.shape[0]), device)
+        picked = pick_inner_loop(model, params, probe, step, cfg.train.chunk, order)
+        choice[0] = float(picked == "vmap")
+    return "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 
 
 def pick_inner_loop(model, params, batch: MetaBatch, step: MetaStep, chunk: int,
@@ -340,36 +373,3 @@ def pick_inner_loop(model, params, batch: MetaBatch, step: MetaStep, chunk: int,
         + f" -> {best}"
     )
     return best
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    # Plain data only (checkpoints load with weights_only=True).
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
-        "python": json.dumps(random.getstate()),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    key = state["numpy"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, state["numpy"]["pos"], 0, 0.0))
-    version, internal, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss))

@@ -13,18 +13,22 @@ and the global meta-batch of step ``t`` is episodes ``t*B .. t*B+B-1``, exactly
 on the number of actors, the prefetch depth or the number of workers: the ranks' shards,
 concatenated in rank order, are the one-worker meta-batch.
 
-Faults: an actor that dies (killed, OOM, crashed) is replaced by a fresh one and its
-outstanding requests are resubmitted; the stream continues unchanged. An error raised while
-building an episode (a corrupt image, a broken shard) is not retried: it surfaces as
-``PipelineError`` naming the split, the episode indices and, from the store's message, the
-shard and class.
+Faults: an actor that dies (killed, OOM, crashed) is restarted by Ray (``max_restarts``)
+and Ray retries its outstanding requests (``max_task_retries``); the stream continues
+unchanged. An error raised while building an episode (a corrupt image, a broken shard) is
+not retried: it surfaces as ``PipelineError`` naming the split, the episode indices and,
+from the store's message, the shard and class.
+
+The scheduling stays ours, a few lines, because ``ray.util.ActorPool`` does not fit: it
+hands work to whichever actor is idle and cannot drop what is in flight, while a trainer
+that asks for another step than the next (a resume, an evaluation) must discard the queue
+and restart the stream there, and the queue must stay bounded by ``prefetch``.
 
 The caller owns Ray: call ``ray.init`` before building a pipeline, ``ray.shutdown`` after.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections import deque
@@ -39,9 +43,7 @@ import torch
 from metadist.data.episodes import EpisodeSampler, MetaBatch, Preprocessing, stack_episodes
 from metadist.data.location import Location
 from metadist.data.store import ClassStore
-from metadist.distributed import shard_bounds
-
-log = logging.getLogger(__name__)
+from metadist.training.distributed import shard_bounds
 
 
 class PipelineError(RuntimeError):
@@ -88,6 +90,8 @@ class EpisodeActor:
         )
         self.requests = 0
         self.busy_s = 0.0
+        # Set in a process Ray started again after this actor died.
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.started_at = time.time()  # wall clock, comparable across processes
 
     def episodes(self, indices: Sequence[int]) -> MetaBatch:
@@ -112,12 +116,14 @@ class EpisodeActor:
 
     def stats(self) -> dict[str, float | int]:
         """``requests`` served, ``busy_s`` spent building them, ``cached_classes`` (decoded
-        base classes held), ``started_at`` (``time.time()`` when the actor was ready)."""
+        base classes held), ``started_at`` (``time.time()`` when the actor was ready),
+        ``restarted`` (this process is a restart of the actor): since the last start."""
         return {
             "requests": self.requests,
             "busy_s": self.busy_s,
             "cached_classes": len(self.store._cache),
             "started_at": self.started_at,
+            "restarted": self.restarted,
         }
 
     def _describe(self, indices: list[int], index: int, exc: Exception) -> str:
@@ -157,7 +163,6 @@ class _Request:
     step: int
     indices: list[int]
     slot: int  # which actor of the pool
-    generation: int  # the slot's actor when submitted; a replacement bumps it
     ref: Any  # ray.ObjectRef of a MetaBatch
 
 
@@ -178,7 +183,7 @@ class EpisodePipeline:
     sha256 once, here. ``decode_cache``: a node-local directory the actors share decoded
     classes through (``ClassStore``); a replacement actor starts warm from it;
     ``decode_cache_max_gb`` caps it.
-    ``max_restarts`` bounds actor replacements over the pipeline's life.
+    ``max_restarts`` bounds how often Ray restarts each actor.
 
     Use ``get(step)`` or iterate (an endless stream); ``close()`` or a ``with`` block ends
     the actors. ``stats()`` says how long the trainer waited for data. One consumer per
@@ -246,7 +251,10 @@ class EpisodePipeline:
         self.lo, self.hi = shard_bounds(meta_batch_size, rank, world_size)
         self.prefetch = prefetch
         self.max_restarts = max_restarts
-        self._actor_cls = ray.remote(num_cpus=actor_cpus, max_restarts=0)(EpisodeActor)
+        # Ray restarts a dead actor and retries the requests it held (-1: as often as the
+        # restarts allow); an episode's own error is not retried (retry_exceptions off).
+        self._actor_cls = ray.remote(num_cpus=actor_cpus, max_restarts=max_restarts,
+                                     max_task_retries=-1)(EpisodeActor)
         self._actor_args = dict(
             image_size=pre.image_size, channels=pre.channels, invert=pre.invert,
             mean=list(pre.mean), std=list(pre.std), ways=self.ways, shots=self.shots,
@@ -256,13 +264,11 @@ class EpisodePipeline:
         )
         n_actors = num_actors if self.hi > self.lo else 0  # an idle rank needs no actor
         self._actors = [self._new_actor() for _ in range(n_actors)]
-        self._generations = [0] * n_actors
         self._pending: deque[_Request] = deque()  # in flight, in step order
         self._next_step = start_step  # what get() expects next
         self._next_submit = start_step
         self._wait_s = 0.0
         self._batches = 0
-        self._restarts = 0
         self._max_in_flight = 0
         self._submitted = 0
         self._closed = False
@@ -322,12 +328,13 @@ class EpisodePipeline:
 
     def stats(self) -> dict[str, float | int]:
         """``wait_s``: seconds the trainer spent blocked in ``get`` (cumulative);
-        ``batches``; ``actor_restarts``; ``requests`` submitted; ``in_flight`` now and
-        ``max_in_flight`` ever (never above ``prefetch``)."""
+        ``batches``; ``actor_restarts`` (actors Ray has restarted, each counted once; asks
+        the actors, after the work queued before); ``requests`` submitted; ``in_flight``
+        now and ``max_in_flight`` ever (never above ``prefetch``)."""
         return {
             "wait_s": self._wait_s,
             "batches": self._batches,
-            "actor_restarts": self._restarts,
+            "actor_restarts": sum(bool(s["restarted"]) for s in self.actor_stats()),
             "requests": self._submitted,
             "in_flight": len(self._pending),
             "max_in_flight": self._max_in_flight,
@@ -390,54 +397,25 @@ class EpisodePipeline:
         indices = self.indices(step)
         ref = self._actors[slot].episodes.remote(indices)
         self._submitted += 1
-        return _Request(step, indices, slot, self._generations[slot], ref)
+        return _Request(step, indices, slot, ref)
 
     def _result(self, request: _Request) -> MetaBatch:
-        while True:
-            try:
-                return ray.get(request.ref)
-            except ray.exceptions.RayActorError as err:
-                self._on_actor_death(request, err)
-            except ray.exceptions.RayTaskError as err:
-                raise self._error(request, err) from None
-
-    def _on_actor_death(self, request: _Request, err: ray.exceptions.RayActorError) -> None:
-        if err.actor_init_failed:
-            raise PipelineError(
-                f"split {self.split!r} ({self.split_dir}): episode actor could not start, "
-                f"so episodes {_span(request.indices)} (step {request.step}) cannot be "
-                f"built: {err}"
-            ) from None
-        slot = request.slot
-        if request.generation == self._generations[slot]:  # not replaced yet
-            if self._restarts >= self.max_restarts:
+        try:
+            return ray.get(request.ref)
+        except ray.exceptions.RayActorError as err:  # dead for good: no restart left
+            if err.actor_init_failed:
                 raise PipelineError(
-                    f"split {self.split!r} ({self.split_dir}): episode actor {slot} died "
-                    f"and the pipeline already replaced {self._restarts} actors "
-                    f"(max_restarts={self.max_restarts}); last error: {err}"
+                    f"split {self.split!r} ({self.split_dir}): episode actor could not "
+                    f"start, so episodes {_span(request.indices)} (step {request.step}) "
+                    f"cannot be built: {err}"
                 ) from None
-            old = self._actors[slot]
-            try:
-                ray.kill(old, no_restart=True)
-            except Exception:
-                pass
-            self._actors[slot] = self._new_actor()
-            self._generations[slot] += 1
-            self._restarts += 1
-            lost = [r for r in self._pending if r.slot == slot]
-            log.warning(
-                "episode actor %d (actor id %s) of split %r died (%s); replaced it with "
-                "actor %s and resubmitted its %d outstanding requests (steps %s)",
-                slot, old._actor_id.hex(), self.split, _first_line(err),
-                self._actors[slot]._actor_id.hex(), len(lost), [r.step for r in lost],
-            )
-        # Resubmit every request of this slot made to the dead actor (this one included),
-        # keeping their place in the queue, so the stream goes on unchanged.
-        for r in self._pending:
-            if r.slot == slot and r.generation != self._generations[slot]:
-                r.ref = self._actors[slot].episodes.remote(r.indices)
-                r.generation = self._generations[slot]
-                self._submitted += 1
+            raise PipelineError(
+                f"split {self.split!r} ({self.split_dir}): episode actor {request.slot} "
+                f"died and Ray restarted it {self.max_restarts} times already "
+                f"(max_restarts); last error: {_first_line(err)}"
+            ) from None
+        except ray.exceptions.RayTaskError as err:
+            raise self._error(request, err) from None
 
     def _error(self, request: _Request, err: ray.exceptions.RayTaskError) -> PipelineError:
         cause = getattr(err, "cause", None)

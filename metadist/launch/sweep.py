@@ -22,21 +22,40 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 from omegaconf import OmegaConf
+from optuna.samplers import TPESampler
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
+import metadist
 from metadist.config import (
     Config,
     ConfigError,
     SearchDimension,
     TuneConfig,
-    absolute_paths,
     config_from_dict,
     flatten,
     to_dict,
     uses_ray,
 )
+from metadist.data.location import absolute_paths
+from metadist.learner import Learner
+from metadist.runners.preflight import run_cpus
+from metadist.runners.ray_train import init_ray, local_copy, reporter, train_on_ray
+from metadist.tracking import (
+    child_run_id,
+    end_run,
+    end_running_children,
+    resolve_tracking_uri,
+    tracked_run,
+)
+from metadist.training.evaluate import evaluate_checkpoint
+from metadist.training.loop import Hooks, train
 
 SWEEP_FILE = "sweep.json"  # the parent MLflow run and the config the sweep was started with
 TRIAL_TAG = "metadist.trial_id"
@@ -126,9 +145,6 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
               parent_run_id: str | None, tracking_uri: str | None) -> None:
     """A Tune function trainable: one meta-training run of the sampled config, on this
     trial's process or, with ``workers > 1``, on its own Ray Train workers."""
-    from metadist.ray_train import local_copy, reporter, train_on_ray
-    from metadist.train import train
-
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, sampled)
     # Trials are chosen on validation; the test classes are for the chosen one only.
@@ -137,19 +153,15 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
     cfg.tracking.run_name = f"{Path(sweep_dir).name}-{trial_id}"
     run_dir = Path(sweep_dir) / "trials" / trial_id
 
-    tracker = None
-    if parent_run_id is not None:
-        from metadist.tracking import MLflowTracker
-
-        tracker = MLflowTracker(
-            cfg, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-            run_id=trial_run_id(tracking_uri, parent_run_id, trial_id),  # a restarted trial
-            tags={TRIAL_TAG: trial_id, "trial_params": json.dumps(sampled)},
-        )
-    with tracker or contextlib.nullcontext():
+    tracked = tracked_run(
+        cfg, when=parent_run_id is not None, tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        run_id=parent_run_id and child_run_id(tracking_uri, parent_run_id, TRIAL_TAG,
+                                              trial_id),  # a restarted trial's own run
+        tags={TRIAL_TAG: trial_id, "trial_params": json.dumps(sampled)},
+    )
+    with tracked as tracker:
         if uses_ray(cfg):
-            from ray.tune.integration.ray_train import TuneReportCallback
-
             # Same run directory, same Ray Train run: a restarted trial continues from it.
             train_on_ray(cfg, mlflow_run_id=tracker.run_id if tracker else None,
                          tracking_uri=tracking_uri, run_dir=run_dir,
@@ -157,21 +169,8 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
         else:
             cfg.train.threads = cfg.train.threads or max(1, int(cfg.tune.cpus_per_trial))
             restored = tune.get_checkpoint()
-            train(cfg, tracker, local_copy(restored) if restored else None,
-                  report=reporter(tune.report, tune.Checkpoint), run_dir=run_dir)
-
-
-def trial_run_id(tracking_uri: str, parent_run_id: str, trial_id: str) -> str | None:
-    """The MLflow run a trial already has (it was running when the sweep was killed)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-    )
-    return runs[0].info.run_id if runs else None
+            train(cfg, tracker, local_copy(restored) if restored else None, run_dir=run_dir,
+                  hooks=Hooks(report=reporter(tune.report, tune.Checkpoint)))
 
 
 # -- the sweep ------------------------------------------------------------------------------
@@ -193,8 +192,8 @@ def run_sweep(config: Config, *, resume: bool = False) -> dict[str, Any]:
     portable = to_dict(config)
     base = trial_base(config)
     state = start_or_resume(sweep_dir, portable, resume)
-    tracker = parent_tracker(config, sweep_dir, resume)  # fails here if MLflow is unreachable
-    with tracker or contextlib.nullcontext():
+    # Fails here, before any trial, if MLflow is unreachable.
+    with parent_run(config, sweep_dir, resume) as tracker:
         if tracker is not None:
             if not resume:
                 log_search_params(tracker, config)
@@ -206,13 +205,6 @@ def run_sweep(config: Config, *, resume: bool = False) -> dict[str, Any]:
 
 
 def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker, resume):
-    import ray
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
-
-    from metadist.preflight import run_cpus
-    from metadist.ray_train import init_ray
-
     per_trial = config.tune.cpus_per_trial + (run_cpus(config) if uses_ray(config) else 0)
     concurrent = config.tune.max_concurrent or config.tune.num_samples
     init_ray(config, need_cpus=per_trial * min(concurrent, config.tune.num_samples))
@@ -239,10 +231,6 @@ def sweep(config, state, space, metric, mode, sweep_dir, portable, base, tracker
     # only a Searcher, and handed a variant generator Ray warns and runs every trial at once.
     limit = config.tune.max_concurrent  # 0: as many as the resources allow
     if config.tune.search == "tpe":
-        from optuna.samplers import TPESampler
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
         search = OptunaSearch(sampler=TPESampler(seed=config.tune.seed))
         if limit:
             search = ConcurrencyLimiter(search, max_concurrent=limit)
@@ -285,8 +273,13 @@ def signals_interrupt_tune() -> Iterator[list[int]]:
     two apart). A second signal, or one before Tune is running, unwinds at once.
 
     Tune does not handle SIGTERM: Ray's handler aborted the driver mid-sweep (exit -6), with
-    no last state saved and the running trials' MLflow runs left RUNNING. Tune interrupts
-    on SIGUSR1, whose handler ``Tuner.fit`` installs; this calls that handler."""
+    no last state saved and the running trials' MLflow runs left RUNNING. Tune's own pieces
+    do not fit: its SIGINT handler returns from ``fit`` as if the sweep had finished and
+    tells no one, and a ``Stopper`` ends the trials TERMINATED, so ``Tuner.restore`` would
+    not carry them on. What fits is the handler ``Tuner.fit`` installs for SIGUSR1 (it
+    interrupts as Ctrl-C does and keeps the trials resumable): this block sets SIGUSR1 to
+    the default, so a handler found there while the sweep runs is Tune's, and calls it.
+    ``test_sweep`` shows both signals end the sweep resumable and unsummarised."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -294,7 +287,7 @@ def signals_interrupt_tune() -> Iterator[list[int]]:
 
     def interrupt(signum: int, frame: object) -> None:
         tune_handler = signal.getsignal(signal.SIGUSR1)
-        if received or not (getattr(tune_handler, "__module__", "") or "").startswith("ray.tune"):
+        if received or not callable(tune_handler):  # a second signal, or Tune not running
             raise SystemExit(128 + signum)
         received.append(signum)
         print(f"metadist: {signal.Signals(signum).name}: stopping the sweep; its trials "
@@ -324,15 +317,7 @@ def stop_interrupted(signum: int, config: Config, grid, state: dict[str, Any],
     """End the runs of the trials the interrupt stopped as KILLED where their processes
     could not, and exit as the signal asks; ``--resume`` carries on in the same runs."""
     if state.get("parent_run_id"):
-        from mlflow import MlflowClient
-
-        client = MlflowClient(state["tracking_uri"])
-        parent = client.get_run(state["parent_run_id"])
-        for run in client.search_runs(
-                [parent.info.experiment_id],
-                f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
-                "attributes.status = 'RUNNING'"):
-            client.set_terminated(run.info.run_id, "KILLED")
+        end_running_children(state["tracking_uri"], state["parent_run_id"], "KILLED")
     finished = sum(1 for r in grid if ran_full_length(r, config.train.steps))
     print(f"metadist: sweep {sweep_dir} stopped by {signal.Signals(signum).name}, "
           f"{finished} of {config.tune.num_samples} trials ran their full length; the same "
@@ -344,8 +329,6 @@ def stop_interrupted(signum: int, config: Config, grid, state: dict[str, Any],
 def trial_base(config: Config) -> dict[str, Any]:
     """The config trials start from: they run in other working directories, so its
     relative paths are made absolute and the tracking store is named explicitly."""
-    from metadist.tracking import resolve_tracking_uri
-
     fixed: dict[str, Any] = dict(absolute_paths(config))
     if config.tracking.enabled:
         fixed["tracking.tracking_uri"] = resolve_tracking_uri(config)
@@ -380,27 +363,23 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
     return flatten(config_from_dict(config))
 
 
-def parent_tracker(config: Config, sweep_dir: Path, resume: bool):
-    """The sweep's MLflow run (not yet started): a new one, or on resume the one it had."""
-    if not config.tracking.enabled:
-        return None
-    from metadist.tracking import MLflowTracker
-
+def parent_run(config: Config, sweep_dir: Path, resume: bool):
+    """The sweep's MLflow run (``tracked_run``): a new one, or on resume the one it had."""
     state_file = sweep_dir / SWEEP_FILE
     if resume and state_file.is_file():
         state = json.loads(state_file.read_text())
         if state.get("parent_run_id"):
-            return MLflowTracker(config, tracking_uri=state["tracking_uri"],
-                                 run_id=state["parent_run_id"])
+            return tracked_run(config, tracking_uri=state["tracking_uri"],
+                               run_id=state["parent_run_id"])
     cfg = config_from_dict(to_dict(config))
     cfg.tracking.run_name = config.tracking.run_name or sweep_dir.name
-    return MLflowTracker(cfg, tags={"sweep": "true", "search": config.tune.search,
-                                    "scheduler": config.tune.scheduler})
+    return tracked_run(cfg, tags={"sweep": "true", "search": config.tune.search,
+                                  "scheduler": config.tune.scheduler})
 
 
 def log_search_params(tracker, config: Config) -> None:
     """The parent's params: the base config (logged on start) plus the search itself."""
-    tracker.mlflow.log_params({
+    tracker.log_params({
         **{f"tune.space.{k}": describe(d) for k, d in config.tune.space.items()},
         **{f"tune.{k}": str(getattr(config.tune, k)) for k in vars(TuneConfig())
            if k != "space"},
@@ -418,13 +397,9 @@ class MarkStopped(tune.Callback):
         step = int((trial.last_result or {}).get("step", 0))
         if step >= self.max_steps:
             return
-        from mlflow import MlflowClient
-
-        run_id = trial_run_id(self.uri, self.parent, trial.trial_id)
+        run_id = child_run_id(self.uri, self.parent, TRIAL_TAG, trial.trial_id)
         if run_id is not None:
-            client = MlflowClient(self.uri)
-            client.set_tag(run_id, "stopped_early_at_step", step)
-            client.set_terminated(run_id, "KILLED")
+            end_run(self.uri, run_id, "KILLED", {"stopped_early_at_step": step})
 
 
 # -- the outcome ------------------------------------------------------------------------------
@@ -438,8 +413,6 @@ def ran_full_length(result, steps: int) -> bool:
 def summarize_sweep(config: Config, grid, metric: str, mode: str, sweep_dir: Path,
                     portable: dict[str, Any], tracker) -> dict[str, Any]:
     """Choose the best trial on validation, write its config, meta-test it, register it."""
-    from metadist.evaluate import evaluate_checkpoint
-
     trials = []
     for r in grid:
         last = r.metrics or {}
@@ -487,8 +460,6 @@ def summarize_sweep(config: Config, grid, metric: str, mode: str, sweep_dir: Pat
 
 
 def best_checkpoint(best, sweep_dir: Path) -> str:
-    from metadist.ray_train import local_copy
-
     final = sweep_dir / "trials" / best.metrics["trial_id"] / "checkpoints" / "final.pt"
     if final.is_file():  # the trial ran on this machine (or the sweep is on shared storage)
         return str(final)
@@ -511,15 +482,14 @@ def write_trials_csv(trials: list[dict[str, Any]], path: Path) -> None:
 
 def log_sweep(tracker, grid, metric: str, summary: dict[str, Any], sweep_dir: Path) -> None:
     """The parent run: the best trial, its test result, the trials table, the sweep plot."""
-    mlflow = tracker.mlflow
-    mlflow.set_tags({"best_trial": summary["best_trial"]})
-    mlflow.log_metrics({f"best_{metric}": summary[f"best_{metric}"],
-                        "trials": len(summary["trials"]),
-                        "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])})
+    tracker.set_tags({"best_trial": summary["best_trial"]})
+    metrics = {f"best_{metric}": summary[f"best_{metric}"], "trials": len(summary["trials"]),
+               "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}
     test = summary.get("test")
     if test is not None:
-        mlflow.log_metrics({f"test_{test['metric']}": test["mean"],
-                            f"test_{test['metric']}_ci95": test["ci95"]})
+        metrics.update({f"test_{test['metric']}": test["mean"],
+                        f"test_{test['metric']}_ci95": test["ci95"]})
+    tracker.log_metrics(metrics, step=0)
     for name in ("best_config.yaml", "best_result.json", "trials.csv"):
         tracker.log_artifact(sweep_dir / name)
     plot = plot_sweep(grid, metric, sweep_dir / "sweep.png", title=sweep_dir.name)
@@ -529,18 +499,11 @@ def log_sweep(tracker, grid, metric: str, summary: dict[str, Any], sweep_dir: Pa
 
 def register_model(tracker, checkpoint: str, name: str) -> dict[str, Any]:
     """The best model as an MLflow PyTorch model of the sweep's run, registered as ``name``."""
-    import metadist
-    from metadist.learner import Learner
-
-    info = tracker.mlflow.pytorch.log_model(
-        Learner.load(checkpoint).as_module(), name="model", registered_model_name=name,
-        # Adapting runs autograd inside forward, which torch.export's pt2 cannot hold.
-        serialization_format="pickle",
+    return tracker.log_model(
+        Learner.load(checkpoint).as_module(), name,
         code_paths=[str(Path(metadist.__file__).parent)],
         pip_requirements=[f"torch=={torch_version()}", "pyarrow", "pillow", "omegaconf"],
     )
-    version = info.registered_model_version
-    return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}
 
 
 def torch_version() -> str:

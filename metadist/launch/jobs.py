@@ -1,4 +1,5 @@
-"""Runs on a Ray cluster through the Ray Jobs API: ``metadist submit`` and ``metadist jobs``.
+"""Runs on a Ray cluster through the Ray Jobs API: what ``metadist submit`` and
+``metadist jobs`` do.
 
 A submitted run is ``python -m metadist.cli train CONFIG key=value ...`` (or ``tune``)
 executed on the cluster's head in a copy of this repository (the runtime environment's
@@ -9,7 +10,6 @@ cluster. Ray's token authentication stays on: every request carries the token
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -18,18 +18,22 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from metadist.cluster import ClusterError, LocalCluster, load_state, token_source
+from packaging.requirements import Requirement
+
+from metadist.config import load_config, resolve_config
+from metadist.data.location import absolute_paths
+from metadist.launch.cluster import ClusterError, LocalCluster, load_state, token_source
+from metadist.tracking import check_reachable, resolve_tracking_uri
 
 
 def _checkout() -> Path:
     """The repository this metadist runs from (an editable install), else the current
     directory: what a job's working directory is a copy of."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file() and (repo / "configs").is_dir():
         return repo
     return Path.cwd()
@@ -176,9 +180,6 @@ def job_arguments(
     """``[command, CONFIG, overrides...]`` for ``python -m metadist.cli`` on the cluster and
     the config they make, checked here. CONFIG is relative to the working directory the
     job runs in; on the local cluster relative paths in the config become absolute."""
-    from metadist.cli import resolve_config
-    from metadist.config import absolute_paths, load_config
-
     if not Path(config).is_file() and (root / config).is_file():
         config = str(root / config)  # configs/x.yaml from outside the checkout
     path = resolve_config(config).resolve()
@@ -213,176 +214,55 @@ def runtime_env(
 
 
 def pinned_requirements() -> list[str]:
-    """metadist's dependencies at the versions installed here (``name==version``)."""
+    """metadist's dependencies at the versions installed here (``name[extras]==version``),
+    the dev extra left out."""
     pins = []
-    for req in metadata.requires("metadist") or []:
-        if "extra ==" in req:
-            continue
-        name = req.split(";")[0].strip()
-        base = name.split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("!")[0]
-        extras = name[len(base):].split("]")[0] + "]" if "[" in name else ""
-        pins.append(f"{base.strip()}{extras}=={metadata.version(base.strip())}")
+    for line in metadata.requires("metadist") or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an optional extra's dependency
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        pins.append(f"{req.name}{extras}=={metadata.version(req.name)}")
     return pins
 
 
-# --- the command line ----------------------------------------------------------------
-
-
-class _Intermixed(argparse.ArgumentParser):
-    """Takes options among the positionals: ``submit CONFIG --address URL key=value``."""
-
-    _plain = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._plain:
-            return super().parse_known_args(args, namespace)
-        self._plain = True  # the intermixed parse calls this (twice) for its passes
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._plain = False
-
-
-def add_job_commands(sub: Any) -> None:
-    p = sub.add_parser("submit", help="run a config on a Ray cluster (Ray Jobs API) and "
-                       "follow its log")
-    p.__class__ = _Intermixed  # the subparsers action creates plain parsers
-    p.add_argument("config", help="YAML config under configs/ (shipped with the repository)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=2")
-    p.add_argument("--tune", action="store_true", help="run `metadist tune` instead of train")
-    p.add_argument("--working-dir", type=Path, default=ROOT,
-                   help=f"directory shipped to the cluster, the job's working directory "
-                   f"(default: {ROOT})")
-    _connection_args(p)
-    p.add_argument("--mlflow-uri", help="tracking URI for the run (default: on the local "
-                   "cluster yours, else the cluster's $MLFLOW_TRACKING_URI)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable)")
-    p.add_argument("--pip", action="store_true",
-                   help="have Ray install metadist's dependencies for the job, pinned to the "
-                   "versions installed here (off by default: the cluster's image has them, "
-                   "and an offline cluster could not download them)")
-    p.add_argument("--requirements", metavar="FILE",
-                   help="have Ray install the packages of this requirements file instead")
-    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
-    p.set_defaults(func=cmd_submit)
-
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
-    _connection_args(p)
-    p.set_defaults(func=cmd_jobs)
-    cmds = p.add_subparsers(dest="jobs_command")
-    c = cmds.add_parser("list", help="every job: id, status, start, entrypoint")
-    _connection_args(c)
-    for name, text in (("status", "status and message of a job"),
-                       ("logs", "a job's log so far"), ("stop", "stop a running job")):
-        c = cmds.add_parser(name, help=text)
-        c.add_argument("job_id")
-        _connection_args(c)
-        if name == "logs":
-            c.add_argument("--follow", "-f", action="store_true", help="until the job ends")
-        if name == "stop":
-            c.add_argument("--no-wait", action="store_true", help="do not wait until stopped")
-
-
-def _connection_args(p: Any) -> None:
-    # SUPPRESS: a flag given before the subcommand (`jobs --address X status ID`) is not
-    # reset by the subcommand's own default.
-    p.add_argument("--address", default=argparse.SUPPRESS,
-                   help="job API, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS,"
-                   " an http $RAY_ADDRESS, or the cluster from `metadist cluster up --local`)")
-    p.add_argument("--token-file", default=argparse.SUPPRESS,
-                   help="Ray auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, "
-                   "~/.ray/auth_token)")
-
-
-def cmd_submit(args: Any) -> int:
-    address, local_cluster = resolve_address(getattr(args, "address", None))
+def submit(config: str, overrides: list[str], *, tune: bool = False,
+           address: str | None = None, token_file: str | None = None,
+           working_dir: Path = ROOT, mlflow_uri: str | None = None,
+           env: list[str] = (), pip: bool = False, requirements: str | None = None,
+           ) -> tuple[Jobs, str, str]:
+    """Check ``config`` here, then submit it as a job; return the client, the job id and
+    its entrypoint. ``env``: ``KEY=VALUE`` items for the job's environment."""
+    address, local_cluster = resolve_address(address)
     local = local_cluster is not None
-    command = "tune" if args.tune else "train"
-    root = args.working_dir.resolve()
-    argv, config = job_arguments(args.config, args.overrides, command=command, local=local,
+    command = "tune" if tune else "train"
+    root = Path(working_dir).resolve()
+    argv, loaded = job_arguments(config, overrides, command=command, local=local,
                                  root=root)  # checked before anything goes over the network
     env_vars = {}
-    for item in args.env:
+    for item in env:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--env {item!r} is not of the form KEY=VALUE")
         env_vars[key] = value
-    uri = args.mlflow_uri
-    if uri is None and local and config.tracking.enabled:
-        from metadist.tracking import resolve_tracking_uri
-
-        uri = resolve_tracking_uri(config)  # yours: $MLFLOW_TRACKING_URI or ./mlflow.db
+    uri = mlflow_uri
+    if uri is None and local and loaded.tracking.enabled:
+        uri = resolve_tracking_uri(loaded)  # yours: $MLFLOW_TRACKING_URI or ./mlflow.db
     if uri:
         if local:
-            from metadist.tracking import check_reachable
-
             check_reachable(uri)  # this machine sees what the local cluster sees
         env_vars["MLFLOW_TRACKING_URI"] = uri
-    pip = None
-    if args.requirements:
-        pip = [line.strip() for line in Path(args.requirements).read_text().splitlines()
-               if line.strip() and not line.lstrip().startswith("#")]
-    elif args.pip:
-        pip = pinned_requirements()
+    packages = None
+    if requirements:
+        packages = [line.strip() for line in Path(requirements).read_text().splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    elif pip:
+        packages = pinned_requirements()
     entrypoint = shlex.join(["python", "-m", "metadist.cli", *argv])
-    jobs = Jobs(address, getattr(args, "token_file", None))
+    jobs = Jobs(address, token_file)
     # Ray lists every .gitignore it honours and every directory it skips by default.
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
-    job_id = jobs.submit(entrypoint, runtime_env(env_vars=env_vars, pip=pip, root=root),
+    job_id = jobs.submit(entrypoint, runtime_env(env_vars=env_vars, pip=packages, root=root),
                          metadata={"metadist_command": command, "config": argv[1]})
-    print(f"submitted {job_id} to {jobs.address}: {entrypoint}", flush=True)
-    if args.no_follow:
-        print(f"follow it with: metadist jobs logs {job_id} --follow")
-        return 0
-    return _follow_to_end(jobs, job_id)
-
-
-def _follow_to_end(jobs: Jobs, job_id: str) -> int:
-    try:
-        status = jobs.follow(job_id)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running: metadist jobs stop {job_id}",
-              file=sys.stderr)
-        return 130
-    info = jobs.info(job_id)
-    print(f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED"
-                                       and info.message else ""), file=sys.stderr)
-    return 0 if status == "SUCCEEDED" else 1
-
-
-def cmd_jobs(args: Any) -> int:
-    jobs = Jobs(getattr(args, "address", None), getattr(args, "token_file", None))
-    if args.jobs_command in (None, "list"):  # bare `metadist jobs` lists
-        rows = sorted(jobs.list(), key=lambda j: j.start_time or 0)
-        print(f"{'job id':<30} {'status':<10} {'started':<19}  entrypoint")
-        for j in rows:
-            started = (datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
-                       if j.start_time else "")
-            print(f"{j.submission_id or j.job_id:<30} {j.status:<10} {started:<19}  "
-                  f"{_short(j.entrypoint)}")
-        return 0
-    if args.jobs_command == "status":
-        info = jobs.info(args.job_id)
-        print(f"{args.job_id}: {info.status}")
-        if info.message:
-            print(info.message)
-        return 0 if info.status not in ("FAILED", "STOPPED") else 1
-    if args.jobs_command == "logs":
-        if args.follow:
-            return _follow_to_end(jobs, args.job_id)
-        print(jobs.logs(args.job_id), end="")
-        return 0
-    jobs.stop(args.job_id)  # "stop"
-    if not args.no_wait:
-        deadline = time.time() + 60
-        while not jobs.status(args.job_id).is_terminal() and time.time() < deadline:
-            time.sleep(0.5)
-    print(f"{args.job_id}: {jobs.status(args.job_id)}")
-    return 0
-
-
-def _short(text: str | None, width: int = 90) -> str:
-    text = text or ""
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return jobs, job_id, entrypoint

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from metadist.data.ingest.splits import split_by_fraction
+from metadist.data.ingest.writer import ClassData, SplitData, check_output, write_dataset
 from metadist.data.schema import ImageInfo, PreprocessingInfo, SourceInfo
-from metadist.data.splits import split_by_fraction
-from metadist.data.writer import ClassData, SplitData, check_output, write_dataset
 
 SYNTHETIC_SOURCE = "SYNTHETIC: generated, not real data (random class prototypes plus noise)"
 _NOISE_STD = 40.0  # in uint8 units: examples of a class vary, prototypes stay recognisable

@@ -10,7 +10,7 @@ Two things make a loopback-only cluster work with Ray 2.60:
 
 - Ray's gRPC servers listen on all interfaces unless the node's IP is 127.0.0.1, and
   ``ray start --node-ip-address=127.0.0.1`` swaps loopback for the machine's outward IP.
-  ``python -m metadist.cluster start ...`` runs ``ray start`` with that swap turned off.
+  ``python -m metadist.launch.cluster start ...`` runs ``ray start`` with that swap turned off.
 - Every process of the cluster runs with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's
   switch for "this host's address is loopback", so that a job's driver that connects to
   ``127.0.0.1:PORT`` is not redirected to the outward IP where nothing listens.
@@ -32,7 +32,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_TOKEN = Path.home() / ".ray" / "auth_token"
@@ -203,7 +202,7 @@ def launch_node(
     node_dir.mkdir()
     log_path = Path(temp_dir) / f"{name}.log"
     cmd = [
-        sys.executable, "-m", "metadist.cluster", "start", f"--node-ip-address={LOOPBACK}",
+        sys.executable, "-m", "metadist.launch.cluster", "start", f"--node-ip-address={LOOPBACK}",
         f"--temp-dir={node_dir}",
         f"--object-store-memory={store}", "--disable-usage-stats",
         # Fixed by default (52365): a second node on this host could not bind it.
@@ -277,7 +276,7 @@ def describe(cluster: LocalCluster, path: Path, token: Path | None) -> str:
         f"  logs:                    {cluster.temp_dir}/n*/session_latest/logs",
         f"  recorded in:             {path}",
         "submit a run:  metadist submit configs/sinusoid_maml.yaml workers=2 train.steps=200",
-        "or drive it from this shell (Ray must keep 127.0.0.1, see metadist/cluster.py):",
+        "or drive it from this shell (Ray must keep 127.0.0.1, see metadist/launch/cluster.py):",
         f"  export RAY_ADDRESS={cluster.address} RAY_AUTH_MODE=token "
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0",
         "stop it:       metadist cluster down",
@@ -322,7 +321,7 @@ def ensure_token() -> Path | None:
         raise ClusterError(f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}: no such "
                            "file (unset it to use, or generate, ~/.ray/auth_token)")
     if source is None:
-        subprocess.run([sys.executable, "-m", "metadist.cluster", "get-auth-token",
+        subprocess.run([sys.executable, "-m", "metadist.launch.cluster", "get-auth-token",
                         "--generate"], check=True, capture_output=True)
         source = token_source()
     return None if source in (None, "RAY_AUTH_TOKEN") else Path(source)
@@ -431,49 +430,7 @@ def kill_sessions(sessions: list[int], grace_s: float = 3.0) -> list[int]:
     return pids
 
 
-# --- the command line ----------------------------------------------------------------
-
-
-def add_cluster_commands(sub: Any) -> None:
-    p = sub.add_parser("cluster", help="start or stop a local multi-node Ray cluster")
-    cmds = p.add_subparsers(dest="cluster_command", required=True)
-    u = cmds.add_parser("up", help="start a head and N worker nodes on 127.0.0.1")
-    u.add_argument("--local", action="store_true", required=True,
-                   help="on this machine (the only kind metadist starts itself)")
-    u.add_argument("--nodes", type=int, default=2, help="worker nodes besides the head")
-    u.add_argument("--cpus", type=float, default=2, help="CPUs of each worker node")
-    u.add_argument("--head-cpus", type=float, default=0,
-                   help="CPUs of the head (default 0: it runs drivers, not workers)")
-    u.add_argument("--object-store-mb", type=int, default=512, help="per node")
-    u.add_argument("--port", type=int, help="GCS port (default 6379, or a free one)")
-    u.add_argument("--dashboard-port", type=int, help="default 8265, or a free one")
-    u.add_argument("--state", help=f"state file (default ${STATE_ENV} or "
-                   "~/.metadist/local-cluster.json)")
-    u.set_defaults(func=cmd_up)
-    d = cmds.add_parser("down", help="stop exactly the processes `up` started")
-    d.add_argument("--state", help="state file")
-    d.add_argument("--keep-temp", action="store_true", help="keep Ray's logs and temp dir")
-    d.set_defaults(func=cmd_down)
-    s = cmds.add_parser("status", help="the recorded cluster's nodes, alive or not")
-    s.add_argument("--state", help="state file")
-    s.set_defaults(func=cmd_status)
-
-
-def cmd_up(args: Any) -> int:
-    up(nodes=args.nodes, cpus=args.cpus, head_cpus=args.head_cpus,
-       object_store_mb=args.object_store_mb, port=args.port,
-       dashboard_port=args.dashboard_port, state=args.state)
-    return 0
-
-
-def cmd_down(args: Any) -> int:
-    down(args.state, keep_temp=args.keep_temp)
-    return 0
-
-
-def cmd_status(args: Any) -> int:
-    print(status(args.state))
-    return 0
+# --- `ray start` kept on loopback ------------------------------------------------------
 
 
 def _ray_cli() -> None:
@@ -483,6 +440,11 @@ def _ray_cli() -> None:
     import ray._private.services as services
     from ray.scripts.scripts import main
 
+    # A patch of a private function, kept because Ray 2.60 has no public switch: `ray start`
+    # passes --node-ip-address through resolve_ip_for_localhost, which swaps 127.0.0.1 for
+    # the outward IP, and its servers then listen on every interface. test_cluster_local
+    # lists the cluster's sockets and fails if any is off loopback (e.g. a Ray release
+    # renaming this function).
     services.resolve_ip_for_localhost = lambda host: host
     # Inherited RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 would make `ray start` refuse worker
     # nodes; the processes it starts still see it.

@@ -1,7 +1,8 @@
 """Meta-training on Ray: Ray Train's ``TorchTrainer`` starts and supervises the workers
 (process groups: NCCL on CUDA, gloo on CPU), restarts them from the last reported
 checkpoint after a failure, and each worker's share of every meta-batch streams in from
-a pool of episode actors (``metadist.pipeline``). The loop itself is ``metadist.train``.
+a pool of episode actors (``metadist.runners.pipeline``). The loop itself is
+``metadist.training.loop``.
 
 Ray Train's workers get no signal when the job is stopped or preempted: the driver does.
 Its first SIGTERM is passed on through a small actor whose answer the workers check once
@@ -27,11 +28,15 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from metadist.checkpoint import load_checkpoint
 from metadist.config import Config, config_from_dict, to_dict, train_episode_shape
-from metadist.preflight import preflight, run_cpus
-from metadist.signals import Stopped, sigterm_deferred
-from metadist.train import train
+from metadist.data.location import Location
+from metadist.data.streams import training_preprocessing
+from metadist.runners.pipeline import EpisodePipeline
+from metadist.runners.preflight import preflight, run_cpus
+from metadist.tracking import tracked_run
+from metadist.training.checkpoint import load_checkpoint
+from metadist.training.loop import Hooks, train
+from metadist.training.signals import Stopped, sigterm_deferred
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -195,20 +200,16 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         pipeline = open_pipeline(cfg, start_step=start, rank=rank, world_size=world)
         batches = pipeline.get
 
-    tracker = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
-        from metadist.tracking import MLflowTracker
-
-        tracker = MLflowTracker(cfg, tracking_uri=loop_config["tracking_uri"],
-                                run_id=loop_config["mlflow_run_id"])
     try:
-        with tracker or contextlib.nullcontext():
+        with tracked_run(cfg, when=rank == 0 and bool(loop_config.get("mlflow_run_id")),
+                         tracking_uri=loop_config["tracking_uri"],
+                         run_id=loop_config["mlflow_run_id"]) as tracker:
             if tracker is not None and restored is not None:
                 tracker.note_restart(start)
             # Every worker reports; rank 0 hands Ray the checkpoint a restart resumes from.
-            result = train(cfg, tracker, resume, batches=batches,
-                           report=reporter(ray.train.report), run_dir=loop_config["run_dir"],
-                           stop=StopPoll(loop_config["stop_flag"]))
+            hooks = Hooks(batches=batches, report=reporter(ray.train.report),
+                          stop=StopPoll(loop_config["stop_flag"]))
+            result = train(cfg, tracker, resume, run_dir=loop_config["run_dir"], hooks=hooks)
         if pipeline is not None:
             result["pipeline"] = {
                 k: v for k, v in pipeline.stats().items() if isinstance(v, int | float)
@@ -248,10 +249,6 @@ def local_copy(checkpoint: Checkpoint) -> str:
 
 
 def open_pipeline(cfg: Config, *, start_step: int, rank: int, world_size: int):
-    from metadist.data.location import Location
-    from metadist.data.streams import training_preprocessing
-    from metadist.pipeline import EpisodePipeline
-
     # A local path or a URI (s3://bucket/omniglot): pathlib would turn s3:// into s3:/.
     split_dir = Location.of(cfg.data.dataset) / cfg.data.train_split
     shots, queries = train_episode_shape(cfg.data)

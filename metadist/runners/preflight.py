@@ -32,7 +32,7 @@ def check_dataset(config: Config) -> None:
 
 
 def worker_bundle(config: Config) -> dict[str, float]:
-    """What one Ray Train worker reserves (``ScalingConfig`` in ``metadist.ray_train``)."""
+    """What one Ray Train worker reserves (``ScalingConfig`` in ``metadist.runners.ray_train``)."""
     bundle = {"CPU": float(config.ray.cpus_per_worker)}
     if config.ray.use_gpu:
         bundle["GPU"] = 1.0

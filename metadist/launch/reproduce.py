@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,8 +19,11 @@ from typing import Any
 import yaml
 
 from metadist.config import Config, ConfigError, load_config
+from metadist.launch.run import tracked_training
+from metadist.tracking import git_commit, git_uncommitted, log_to_run, plot_curves
+from metadist.training.evaluate import evaluate_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TABLES = REPO / "configs" / "reproduce" / "tables.yaml"
 RESULTS = REPO / "docs" / "results"
 REPORT = REPO / "docs" / "results.md"
@@ -130,9 +132,6 @@ def effective_overrides(overrides: list[str]) -> list[str]:
 
 def run_row(row: Row, budget: str, overrides: list[str], results: Path = RESULTS) -> dict:
     """Meta-train and meta-test one row, tracked like ``metadist train``, and record it."""
-    from metadist.cli import tracked_training
-    from metadist.tracking import git_commit, git_uncommitted
-
     config = row_config(row, budget, overrides)
     queries = paper_queries(row, config.data.shots)
     # Read before training, as the run's MLflow tags are: the code that ran is the code at
@@ -162,31 +161,19 @@ def meta_test_on_paper_queries(config: Config, result: dict, queries: int) -> di
     """Meta-test the final model again, on the paper's queries per class. With batch
     statistics taken from the queries, their count moves the score; the row's main figure
     stays on our protocol's count."""
-    from metadist.evaluate import evaluate_checkpoint
-
     again = result if queries == result["queries"] else evaluate_checkpoint(
         result["checkpoint"], episodes=result["episodes"], queries=queries,
         device=config.train.device)
     summary = {"queries": queries, **{k: again[k] for k in ("mean", "ci95", "episodes", "seed")}}
-    if result.get("mlflow_run_id"):
-        from mlflow import MlflowClient
-
-        try:
-            client = MlflowClient(result["mlflow_tracking_uri"])
-            client.log_metric(result["mlflow_run_id"], "test_accuracy_paper_queries",
-                              again["mean"])
-            client.log_metric(result["mlflow_run_id"], "test_accuracy_paper_queries_ci95",
-                              again["ci95"])
-            client.log_param(result["mlflow_run_id"], "paper_queries", queries)
-        except Exception as err:  # the record below still holds it
-            warnings.warn(f"MLflow run {result['mlflow_run_id']}: could not log the "
-                          f"paper-queries meta-test ({err})", stacklevel=2)
+    if result.get("mlflow_run_id"):  # the record below holds it whatever MLflow says
+        log_to_run(result["mlflow_tracking_uri"], result["mlflow_run_id"],
+                   {"test_accuracy_paper_queries": again["mean"],
+                    "test_accuracy_paper_queries_ci95": again["ci95"]},
+                   {"paper_queries": queries})
     return summary
 
 
 def write_record(record: dict, run_dir: Path, results: Path = RESULTS) -> Path:
-    from metadist.tracking import plot_curves
-
     out = results / record["table"]
     out.mkdir(parents=True, exist_ok=True)
     history = run_dir / "history.json"

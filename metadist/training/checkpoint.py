@@ -1,0 +1,100 @@
+"""Checkpoints: plain tensors and plain data only, so they load with
+``torch.load(weights_only=True)`` and no pickle from a checkpoint ever runs code.
+
+``load_trained`` is the one way from a checkpoint file to a model with its parameters:
+the meta-test, the Learner and a resumed run all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metadist.algorithms import CarriedMoments, MetaStep
+from metadist.config import Config, config_from_dict
+from metadist.models import check_params, model_from_spec
+
+FORMAT = "metadist-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or corrupt files
+        raise ValueError(f"{path}: not a loadable metadist checkpoint ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a metadist checkpoint (format {FORMAT} expected)")
+    return state
+
+
+@dataclass
+class Trained:
+    """A checkpoint's model: its config, the rebuilt model and its checked parameters."""
+
+    path: str
+    state: dict[str, Any]
+    config: Config
+    model: Any
+    params: dict[str, Tensor]
+
+    def carried_moments(self, step: MetaStep, device: torch.device | str) -> CarriedMoments | None:
+        """The inner Adam state the run carried (``algorithm.inner_state=carried``), else
+        None."""
+        if step.inner_state != "carried":
+            return None
+        carried = CarriedMoments()
+        if self.state.get("inner_moments") is not None:
+            carried.load_state_dict(self.state["inner_moments"], device)
+        return carried
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu",
+                 model=None) -> Trained:
+    """Load ``path`` and check its parameters against ``model`` (a resumed run's own),
+    or against the model the checkpoint describes."""
+    state = load_checkpoint(path, map_location=device)
+    # Through the config schema: a checkpoint from before a key existed gets its default.
+    config = config_from_dict(state["config"])
+    model = model if model is not None else model_from_spec(state["model"])
+    check_params(model, state["params"], str(path))
+    params = {k: v.to(device) for k, v in state["params"].items()}
+    return Trained(str(path), state, config, model, params)
+
+
+def rng_state() -> dict[str, Any]:
+    # Plain data only (checkpoints load with weights_only=True).
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": json.dumps(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    key = state["numpy"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, state["numpy"]["pos"], 0, 0.0))
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
