@@ -126,8 +126,8 @@ def consumption(config: Path, overrides: list[str], steps: int, threads: int) ->
     beforehand so that no data work is timed."""
     from metadist.algorithms import MetaStep, meta_gradient
     from metadist.config import load_config
-    from metadist.data.streams import episode_batch, open_streams
     from metadist.models import build_model
+    from metadist.training.streams import episode_batch, open_streams
 
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)

@@ -88,7 +88,7 @@ def prepare(setting: Setting, random_data: bool, out_dir: Path) -> dict:
     dataset = ROOT / data.dataset
     meta_batch = alg.meta_batch_size
     if dataset.is_dir() and not random_data:
-        from metadist.data.streams import open_streams
+        from metadist.training.streams import open_streams
 
         data.dataset = str(dataset)
         batch = open_streams(data, train_seed=0, eval_seed=1).train.meta_batch(0, meta_batch)

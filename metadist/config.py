@@ -7,11 +7,15 @@ unknown keys and values of the wrong type are errors that name the key.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -169,12 +173,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             where = str(path)
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))  # YAML safe loading
+            try:
+                loaded = OmegaConf.load(path)  # YAML safe loading: no Python objects
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+                mark = getattr(err, "problem_mark", None)
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                detail = getattr(err, "problem", None) or _first_line(err)
+                raise ConfigError(f"{path}: not a readable YAML file ({detail}{at})") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: a config is a mapping of keys, not a "
+                                  f"{type(loaded).__name__}")
+            refuse_resolvers(loaded, where)
+            merged = OmegaConf.merge(merged, loaded)
         where = f"command-line overrides {list(overrides)}"
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+        refuse_resolvers(dotlist, where)
+        merged = OmegaConf.merge(merged, dotlist)
         if OmegaConf.is_missing(merged, "name"):
             merged.name = Path(path).stem if path is not None else "run"
         config = OmegaConf.to_object(merged)
@@ -184,8 +201,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     return config
 
 
+_RESOLVER = re.compile(r"\$\{[^}]*:")  # ${oc.env:HOME}, ${oc.decode:...}: not ${data.ways}
+
+
+def refuse_resolvers(conf: DictConfig, where: str) -> None:
+    """A config is recorded with every run (its file, MLflow params, checkpoints), so it may
+    not pull values from the environment or any other resolver (``${oc.env:TOKEN}`` would
+    record a secret); interpolating another key (``${data.ways}``) is fine."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+        else:
+            flat[prefix] = value
+
+    walk("", OmegaConf.to_container(conf, resolve=False))
+    for key, value in flat.items():
+        if isinstance(value, str) and _RESOLVER.search(value):
+            raise ConfigError(f"{where}: {key} uses a resolver ({value.split(':')[0]}:...}}); "
+                              "configs are recorded with every run, so values may not come "
+                              "from the environment: write the value itself")
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     try:
+        refuse_resolvers(OmegaConf.create(data), "config")
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {_first_line(err)}") from None
@@ -222,6 +267,19 @@ PATH_KEYS = ("data.dataset", "data.decode_cache", "train.output_dir", "ray.stora
              "resume", "tune.storage_path")
 
 
+def absolute_paths(config: Config) -> dict[str, str]:
+    """``{key: absolute path}`` for each of the config's local paths that is relative
+    (URIs and the built-in ``sinusoid`` data set are not paths)."""
+    from metadist.data.location import is_uri  # here: pyarrow is slow to import
+
+    flat = flatten(config)
+    return {
+        key: str(Path(value).resolve()) for key in PATH_KEYS
+        if isinstance(value := flat.get(key), str) and value and value != "sinusoid"
+        and not is_uri(value) and not Path(value).is_absolute()
+    }
+
+
 def validate(config: Config) -> None:
     choices = {
         "model.name": (config.model.name, ("conv4", "mlp")),
@@ -241,6 +299,15 @@ def validate(config: Config) -> None:
         "data.shots": (config.data.shots, 1),
         "data.train_shots": (config.data.train_shots, 1),
         "data.train_queries": (config.data.train_queries, 1),  # the training curves' scores
+        "data.queries": (config.data.queries, 1),  # no query: nothing to score, a NaN result
+        "train.log_every": (config.train.log_every, 1),
+        "train.val_every": (config.train.val_every, 0),
+        "train.val_episodes": (config.train.val_episodes, 1),
+        "train.checkpoint_every": (config.train.checkpoint_every, 0),
+        "train.threads": (config.train.threads, 0),
+        "train.chunk": (config.train.chunk, 0),
+        "ray.actors": (config.ray.actors, 0),
+        "ray.max_failures": (config.ray.max_failures, 0),
         "algorithm.meta_batch_size": (config.algorithm.meta_batch_size, 1),
         "eval.episodes": (config.eval.episodes, 1),
         "eval.batch_size": (config.eval.batch_size, 1),
@@ -252,9 +319,18 @@ def validate(config: Config) -> None:
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
-    if not config.algorithm.outer_lr > 0:
-        raise ConfigError(f"algorithm.outer_lr={config.algorithm.outer_lr} must be > 0")
+    positive = {"algorithm.outer_lr": config.algorithm.outer_lr,
+                "ray.actor_cpus": config.ray.actor_cpus,
+                "tune.cpus_per_trial": config.tune.cpus_per_trial}
+    for key, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}={value} must be a finite number > 0")
+    # 0 is a GPU worker that reserves no CPU.
+    if not (math.isfinite(config.ray.cpus_per_worker) and config.ray.cpus_per_worker >= 0):
+        raise ConfigError(f"ray.cpus_per_worker={config.ray.cpus_per_worker} must be a finite "
+                          "number >= 0")
     _validate_algorithm(config.algorithm)
+    _refuse_credentials(config)
     final = config.algorithm.outer_lr_final
     if final is not None and not 0 <= final <= config.algorithm.outer_lr:
         raise ConfigError(f"algorithm.outer_lr_final={final} must lie in [0, algorithm.outer_lr="
@@ -270,6 +346,36 @@ def validate(config: Config) -> None:
         if not config.data.decode_cache:
             raise ConfigError(f"data.decode_cache_max_gb={cap} caps the decode cache, and "
                               "data.decode_cache is not set (name a node-local directory)")
+
+
+_SECRET_QUERY = re.compile(r"(secret|password|passwd|token|access_key|credential|signature)",
+                          re.IGNORECASE)
+
+
+def redact(uri: str) -> str:
+    """``uri`` as it may be shown: no ``user:password@``, no query (options may be keys)."""
+    parts = urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _refuse_credentials(config: Config) -> None:
+    """No value of a config may carry a secret: the config is recorded with every run (its
+    run directory, checkpoints, MLflow params). The message shows the URI redacted."""
+    for key, value in flatten(config).items():
+        if not isinstance(value, str) or "://" not in value:
+            continue
+        parts = urlsplit(value)
+        query = [k for k, _ in parse_qsl(parts.query) if _SECRET_QUERY.search(k)]
+        if parts.password is not None or parts.username is not None or query:
+            what = f"query option {query[0]!r}" if query else "user:password@"
+            raise ConfigError(
+                f"{key}={redact(value)}...: the URI carries credentials ({what}), and configs "
+                "are recorded with every run. Give them to the client instead: for MLflow "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, for object stores the "
+                "cloud SDK's environment (AWS_ACCESS_KEY_ID, ...), for Ray its token file")
 
 
 def _validate_algorithm(algorithm: AlgorithmConfig) -> None:

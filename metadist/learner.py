@@ -23,6 +23,7 @@ from torch import Tensor
 
 from metadist.algorithms import MetaStep, adapt
 from metadist.algorithms.inner_loop import Moments
+from metadist.algorithms.meta import StepError
 from metadist.data.episodes import Preprocessing
 from metadist.data.images import load_image
 from metadist.training.checkpoint import load_trained
@@ -90,8 +91,13 @@ class Learner:
                 )
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[label] for label in labels], device=self.device)
-        step = replace(self.step, inner_lr=lr or self.step.inner_lr,
-                       inner_steps=steps or self.step.inner_steps)
+        # None keeps the meta-test's value; anything else is checked as a MetaStep's is.
+        try:
+            step = replace(self.step, inner_lr=self.step.inner_lr if lr is None else lr,
+                           inner_steps=self.step.inner_steps if steps is None else steps)
+        except StepError as err:
+            name = {"inner_lr": "lr", "inner_steps": "steps"}.get(err.field, err.field)
+            raise ValueError(f"{name}{err.detail}") from None
         adapted = adapt_to_task(self.model, self.params, step, x, y, seed, self.moments)
         return AdaptedLearner(self, adapted, classes)
 

@@ -11,8 +11,10 @@ at an ``mlflow server`` on 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
+import re
 import subprocess
 import time
 import urllib.request
@@ -20,19 +22,36 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from filelock import FileLock
 
-from metadist.config import Config, flatten
+from metadist.config import Config, flatten, redact
 
 
 def resolve_tracking_uri(config: Config) -> str:
-    return (
-        config.tracking.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    )
+    """The store's URI, without credentials: a ``user:password@`` in
+    ``$MLFLOW_TRACKING_URI`` moves to MLflow's own ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (basic auth), so the URI can be printed and recorded.
+    (A config's URI cannot carry them: ``config.validate`` refuses it.)"""
+    uri = (config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and (parts.username or parts.password):
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
+        uri = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a local store keeps its runs' artifacts: beside the database, never relative
+    to the working directory of the process that happens to create the experiment (MLflow's
+    default, ./mlruns: a job's working directory is deleted with its cluster). None: a
+    server chooses (``--artifacts-destination``)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 class TrackingError(RuntimeError):
@@ -54,12 +73,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     (minutes of back-off) and not after the compute has been spent."""
     if not uri.startswith(("http://", "https://")):
         return
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:  # as MLflow's own client will authenticate
+        pair = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             pass
     except OSError as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({err}). Start it, point "
+            f"MLflow tracking server {redact(uri)} is unreachable ({err}). Start it, point "
             "tracking.tracking_uri / MLFLOW_TRACKING_URI elsewhere, or set "
             "tracking.enabled=false."
         ) from None
@@ -114,10 +138,15 @@ class MLflowTracker:
         try:
             # Fails fast, before any compute is spent, when the store is unreachable.
             with first_use_lock(self.uri):
-                mlflow.set_experiment(config.tracking.experiment)
+                name = config.tracking.experiment
+                root = artifact_root(self.uri)
+                if root is not None and mlflow.get_experiment_by_name(name) is None:
+                    folder = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # one plain folder
+                    mlflow.create_experiment(name, artifact_location=f"{root}/{folder}")
+                mlflow.set_experiment(name)
         except Exception as err:
             raise TrackingError(
-                f"MLflow tracking store {self.uri!r} is not usable: {err}. Set "
+                f"MLflow tracking store {redact(self.uri)!r} is not usable: {err}. Set "
                 "tracking.tracking_uri / MLFLOW_TRACKING_URI, or tracking.enabled=false."
             ) from None
 
@@ -299,14 +328,18 @@ def run_params(config: Config) -> dict[str, str]:
     return {k: str(v) for k, v in flatten(config).items() if not k.startswith("tune.")}
 
 
-def run_tags(config: Config) -> dict[str, Any]:
+def run_tags(config: Config, where: Path | None = None) -> dict[str, Any]:
+    commit = git_commit(where or PACKAGE_DIR)
+    # Without a commit (a shipped copy, a wheel) nothing says the tree was clean.
+    edited = ("unknown" if commit == "unknown"
+              else ", ".join(git_uncommitted(where or PACKAGE_DIR)) or "none")
     return {
         "algorithm": config.algorithm.name,
         "dataset": dataset_name(config.data.dataset),
         "ways": config.data.ways,
         "shots": config.data.shots,
-        "git_commit": git_commit(),
-        "git_uncommitted": ", ".join(git_uncommitted()) or "none",
+        "git_commit": commit,
+        "git_uncommitted": edited,
     }
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,58 @@ def child_runs(uri: str, parent_id: str) -> list:
     parent = client.get_run(parent_id)
     return client.search_runs([parent.info.experiment_id],
                               f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def listeners(pids: list[int]) -> list[tuple[str, str]]:
+    """(local address, process name) of each TCP socket these processes listen on (``ss``)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        if any(f"pid={pid}," in line for pid in pids):
+            local = line.split()[3]
+            host = local.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+            name = line.split('(("', 1)[1].split('"', 1)[0] if '(("' in line else "?"
+            found.append((host, name))
+    return found
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """The local addresses of the TCP sockets these processes listen on."""
+    return [host for host, _ in listeners(pids)]
+
+
+def listening_while_running(argv: list[str], *, cwd: Path, env: dict[str, str],
+                            ready: Callable[[], bool], timeout: float = 240
+                            ) -> list[tuple[str, str]]:
+    """Run ``metadist ARGV``; once ``ready()``, (address, process name) of every socket that
+    it and every process it started (a local Ray: GCS, raylet, workers, agents) listen on;
+    then SIGTERM it."""
+    from metadist.launch.cluster import all_procs
+
+    proc = subprocess.Popen([sys.executable, "-m", "metadist.cli", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            if proc.poll() is not None or time.time() > deadline:
+                out, err = proc.communicate()
+                raise AssertionError(f"never ready (rc {proc.returncode}): {err[-3000:]}")
+            time.sleep(0.5)
+        time.sleep(3)  # the agents Ray starts beside the raylet come up last
+        tree, procs = {proc.pid}, all_procs()
+        grew = True
+        while grew:
+            grew = False
+            for p in procs:
+                if p.ppid in tree and p.pid not in tree:
+                    tree.add(p.pid)
+                    grew = True
+        return listeners(sorted(tree))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

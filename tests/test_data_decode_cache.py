@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from metadist.config import ConfigError, load_config
+from metadist.config import ConfigError, absolute_paths, load_config
 from metadist.data.decode_cache import SizeCap, key_name
 from metadist.data.ingest.synthetic import make_synthetic
-from metadist.data.location import absolute_paths
 from metadist.data.store import ClassStore
-from metadist.data.streams import open_streams
+from metadist.training.streams import open_streams
 
 CLASSES = 6  # in the training split
 SYNTHETIC = dict(classes=12, images_per_class=5, image_size=12, val_fraction=0.25,

@@ -23,7 +23,7 @@ import torch
 from metadist.config import DataConfig, load_config
 from metadist.data import ClassStore, DatasetInfo, EpisodeSampler, Manifest
 from metadist.data.location import Location
-from metadist.data.streams import open_streams
+from metadist.training.streams import open_streams
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
 

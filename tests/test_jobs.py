@@ -19,6 +19,7 @@ import pytest
 from conftest import (
     child_runs,
     free_port,
+    listening_addresses,
     local_ray_cluster,
     start_mlflow_server,
     stop_mlflow_server,
@@ -197,6 +198,11 @@ def test_a_bad_config_is_refused_before_submitting(cluster, capsys):
     assert main(["submit", SINUSOID, "algorithm.name=mamal"]) == 2
     assert "algorithm.name='mamal' is not one of" in capsys.readouterr().err
     assert len(Jobs().list()) == jobs_before
+    # Nor a tracking URI with a password, which the job's environment would keep and show.
+    assert main(["submit", SINUSOID, "--mlflow-uri", "http://alice:s3cr3t@127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "--mlflow-uri http://127.0.0.1:1...: the URI carries credentials" in err
+    assert "s3cr3t" not in err and len(Jobs().list()) == jobs_before
 
 
 def test_runs_that_cannot_work_fail_fast_with_a_clear_message(cluster, tmp_path):
@@ -249,15 +255,3 @@ def _http_ok(url: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def listening_addresses(pids: list[int]) -> list[str]:
-    """The local addresses of the TCP sockets these processes listen on (``ss``)."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    found = []
-    for line in out.splitlines():
-        if any(f"pid={pid}," in line for pid in pids):
-            local = line.split()[3]
-            host = local.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
-            found.append(host)
-    return found

@@ -135,3 +135,16 @@ def test_bad_input_is_named(checkpoint, tmp_path):
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         learner.adapt([str(broken)] + images[:4], list("abcde"))
+
+
+def test_adapt_refuses_steps_and_rates_it_cannot_run(checkpoint):
+    learner = Learner.load(checkpoint)
+    images, labels = [np.zeros((28, 28), dtype=np.uint8)] * 5, list("abcde")
+    for kwargs, message in (({"steps": 0}, "steps=0 must be >= 1"),
+                            ({"lr": float("nan")}, "lr=nan must be a finite number > 0"),
+                            ({"lr": float("inf")}, "lr=inf must be a finite number > 0"),
+                            ({"lr": -0.1}, "lr=-0.1 must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            learner.adapt(images, labels, **kwargs)
+    adapted = learner.adapt(images, labels, steps=1, lr=0.1)  # explicit values are used
+    assert len(adapted.predict(images)) == 5

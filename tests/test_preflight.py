@@ -91,7 +91,7 @@ def test_the_runtime_environment_ships_the_code_not_the_data():
     excluded = _get_excludes(ROOT, env["excludes"])  # how Ray applies them
     for path in (".venv", "data/omniglot", "runs", "mlflow.db", ".git", "metadist/__pycache__"):
         assert excluded(ROOT / path), path
-    for path in ("metadist/data/streams.py", "metadist/cli.py", "configs/sinusoid_maml.yaml"):
+    for path in ("metadist/training/streams.py", "metadist/cli.py", "configs/sinusoid_maml.yaml"):
         assert not excluded(ROOT / path), path
     assert env["env_vars"]["OMP_NUM_THREADS"] == "1" and "pip" not in env
     pins = pinned_requirements()

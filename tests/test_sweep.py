@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import child_runs
+from conftest import child_runs, listening_while_running
 
 from metadist.config import ConfigError, load_config
 from metadist.launch.sweep import search_space, trial_config
@@ -214,8 +214,8 @@ def test_omniglot_sweep_nested_runs_asha_best_config_and_registered_model(
     # The best model is registered and loads back as a working few-shot model.
     import mlflow.pytorch
 
-    from metadist.data.streams import open_streams
     from metadist.learner import Learner
+    from metadist.training.streams import open_streams
 
     version = client.get_model_version("omniglot-best", "1")
     assert version.run_id == parent_id
@@ -371,3 +371,12 @@ def test_trials_with_workers_run_on_their_own_ray_train_workers(tmp_path):
     first, second = sorted(children, key=lambda c: c.info.start_time)
     assert first.info.end_time <= second.info.start_time
     assert json.loads((sweep_dir / "best_result.json").read_text())["test"]["episodes"] == 20
+
+
+def test_the_ray_a_sweep_starts_listens_on_loopback_only(tmp_path):
+    sweeps = tmp_path / "sweeps"
+    addresses = listening_while_running(
+        ["tune", str(ROOT / "configs" / "tune_sinusoid_maml.yaml"), "tune.num_samples=2",
+         "train.steps=100000", "tracking.enabled=false", f"tune.storage_path={sweeps}"],
+        cwd=tmp_path, env=ENV, ready=lambda: any(sweeps.glob("*/trials/*/config.yaml")))
+    assert addresses and {host for host, _ in addresses} == {"127.0.0.1"}, addresses

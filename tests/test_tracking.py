@@ -4,6 +4,7 @@ fresh local store; the code state a run names; a terminated run ends KILLED."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from conftest import free_port, sigterm_after_first_step, start_mlflow_server, stop_mlflow_server
 
 from metadist.config import load_config
-from metadist.tracking import MLflowTracker, git_commit, git_uncommitted
+from metadist.tracking import MLflowTracker, git_commit, git_uncommitted, run_tags
 from metadist.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,11 @@ def test_a_run_from_an_edited_tree_names_the_edited_files(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}-no-git"
     outside.mkdir()
     assert git_commit(outside) == "unknown" and git_uncommitted(outside) == []
+    # A run's tags never claim a clean tree they could not see (a job's shipped copy).
+    config = load_config(ROOT / "configs" / "sinusoid_maml.yaml")
+    assert run_tags(config, package)["git_uncommitted"] == "configs/row.yaml, metadist/algo.py"
+    tags = run_tags(config, outside)
+    assert tags["git_commit"] == "unknown" and tags["git_uncommitted"] == "unknown"
 
 
 @pytest.mark.parametrize("entry", [["metadist.cli", "train"], ["metadist.worker"]],
@@ -141,3 +147,65 @@ def test_a_terminated_training_ends_its_mlflow_run_as_killed(tmp_path, entry):
     assert run.data.tags["stopped_after_step"] == str(int(checkpoint.stem.split("-")[1]))
     logged = client.list_artifacts(run.info.run_id, "checkpoints")
     assert [a.path for a in logged] == [f"checkpoints/{checkpoint.name}"]
+
+
+def test_a_local_store_keeps_artifacts_beside_the_database_not_in_the_working_dir(
+        tmp_path, monkeypatch):
+    # A job on a cluster runs in a working directory the cluster deletes when it goes down:
+    # an experiment created there must not put its artifacts (checkpoints, models) in it.
+    store = tmp_path / "store"
+    store.mkdir()
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    monkeypatch.chdir(job_dir)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    config = load_config(ROOT / "configs" / "sinusoid_maml.yaml",
+                         [f"tracking.tracking_uri={uri}", "tracking.experiment=a/b c"])
+    (job_dir / "note.txt").write_text("x")
+    with MLflowTracker(config) as tracker:
+        tracker.log_artifact(job_dir / "note.txt")
+    run = mlflow.MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith((store / "mlartifacts" / "a_b_c").as_uri())
+    assert (store / "mlartifacts" / "a_b_c" / tracker.run_id / "artifacts" / "note.txt"
+            ).is_file()
+    assert not (job_dir / "mlruns").exists()
+
+
+def test_credentials_in_the_tracking_uri_move_to_mlflow_s_own_variables(monkeypatch):
+    import base64
+    import http.server
+    import threading
+
+    from metadist.tracking import TrackingError, check_reachable, resolve_tracking_uri
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            good = "Basic " + base64.b64encode(b"alice:s3cr3t").decode()
+            self.send_response(200 if self.headers.get("Authorization") == good else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cr3t@127.0.0.1:{port}")
+        uri = resolve_tracking_uri(load_config(ROOT / "configs" / "sinusoid_maml.yaml"))
+        assert uri == f"http://127.0.0.1:{port}"
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr3t"
+        check_reachable(uri)  # authenticated as MLflow's client will be
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(TrackingError) as raised:
+            check_reachable(uri)
+        assert "401" in str(raised.value) and "wrong" not in str(raised.value)
+        assert len(seen) == 2
+    finally:
+        server.shutdown()

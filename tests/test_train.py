@@ -164,6 +164,33 @@ def test_eval_tests_on_the_queries_asked_for(tmp_path, capsys):
     assert "queries must be an integer >= 1" in capsys.readouterr().err
 
 
+def test_a_diverging_run_fails_loudly_and_reports_no_result(tmp_path, capsys):
+    argv = ["train", str(SINUSOID), "algorithm.inner_lr=1e30", "train.steps=5",
+            "train.val_every=0", "tracking.enabled=false", "train.inner_loop=loop",
+            f"train.output_dir={tmp_path / 'runs'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the meta-training loss at step 1 is nan: the run diverged" in err
+    assert "Traceback" not in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "result.json").exists()
+
+
+def test_eval_refuses_no_episodes_and_a_non_finite_score(tmp_path, capsys):
+    result = train(sinusoid(tmp_path, "train.steps=2", "eval.episodes=5",
+                            "train.inner_loop=loop"))
+    for episodes in ("0", "-5"):
+        assert main(["eval", result["checkpoint"], "--episodes", episodes]) == 2
+        assert f"episodes must be an integer >= 1, got {episodes}" in capsys.readouterr().err
+    state = load_checkpoint(result["checkpoint"])
+    state["params"] = {k: torch.full_like(v, float("nan")) for k, v in state["params"].items()}
+    poisoned = tmp_path / "nan.pt"
+    torch.save(state, poisoned)
+    assert main(["eval", str(poisoned), "--episodes", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "the mse over 5 episodes is nan" in err and "Traceback" not in err
+
+
 def test_extending_an_annealed_run_re_anneals_beta_over_the_new_length(tmp_path):
     extra = ["algorithm.name=reptile", "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=1.0",
              "algorithm.outer_lr_final=0.0", "train.inner_loop=loop", "train.checkpoint_every=1"]
@@ -226,7 +253,7 @@ def test_conv_meta_training_on_real_data_repeats_and_resumes_bit_for_bit(tmp_pat
 
 
 def test_reptile_with_nichol_et_al_s_options_on_real_data(tmp_path, omniglot_small):
-    from metadist.data.streams import open_streams
+    from metadist.training.streams import open_streams
 
     cfg = load_config(ROOT / "configs" / "omniglot_5w1s_reptile.yaml", [
         f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path}", "train.steps=4",

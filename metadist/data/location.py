@@ -33,8 +33,6 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from metadist.config import PATH_KEYS, Config, flatten
-
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _CHUNK = 1 << 20
 
@@ -131,14 +129,3 @@ class Location:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
         return digest.hexdigest()
-
-
-def absolute_paths(config: Config) -> dict[str, str]:
-    """``{key: absolute path}`` for each of the config's local paths that is relative
-    (URIs and the built-in ``sinusoid`` data set are not paths)."""
-    flat = flatten(config)
-    return {
-        key: str(Path(value).resolve()) for key in PATH_KEYS
-        if isinstance(value := flat.get(key), str) and value and value != "sinusoid"
-        and not is_uri(value) and not Path(value).is_absolute()
-    }

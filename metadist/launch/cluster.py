@@ -6,14 +6,10 @@ records what it started in a state file (``~/.metadist/local-cluster.json``, or
 ``$METADIST_CLUSTER_STATE``). ``metadist cluster down`` stops exactly those processes,
 not every Ray on the machine as ``ray stop`` would.
 
-Two things make a loopback-only cluster work with Ray 2.60:
-
-- Ray's gRPC servers listen on all interfaces unless the node's IP is 127.0.0.1, and
-  ``ray start --node-ip-address=127.0.0.1`` swaps loopback for the machine's outward IP.
-  ``python -m metadist.launch.cluster start ...`` runs ``ray start`` with that swap turned off.
-- Every process of the cluster runs with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's
-  switch for "this host's address is loopback", so that a job's driver that connects to
-  ``127.0.0.1:PORT`` is not redirected to the outward IP where nothing listens.
+Every node listens on loopback only (``metadist.runners.loopback``): each node's
+``ray start`` runs as ``python -m metadist.launch.cluster start ...``, which keeps the
+address 127.0.0.1, and every process of the cluster runs with Ray's loopback switch in its
+environment, so a job's driver that connects to ``127.0.0.1:PORT`` stays there too.
 
 Each node's ``ray start`` runs in a session of its own (``setsid``): the node's processes,
 Ray's worker processes among them, share that session id, which is how ``down`` finds them.
@@ -30,12 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
+from metadist.runners.loopback import LOOPBACK, LOOPBACK_ENV, keep_ray_on_loopback
+
 DEFAULT_TOKEN = Path.home() / ".ray" / "auth_token"
 STATE_ENV = "METADIST_CLUSTER_STATE"
+OWNER_ENV = "METADIST_CLUSTER_DIR"  # in the environment of every process a cluster starts
+TEMP_PREFIX = "mdray-"
 START_TIMEOUT_S = 120.0
 
 
@@ -104,7 +104,8 @@ def load_state(path: str | os.PathLike | None = None) -> LocalCluster | None:
 
 def is_alive(cluster: LocalCluster) -> bool:
     info = read_proc(cluster.gcs_pid)
-    return info is not None and info.session == cluster.nodes[0].session
+    return (info is not None and info.session == cluster.nodes[0].session
+            and started_by(cluster.gcs_pid, cluster))
 
 
 def up(
@@ -141,8 +142,11 @@ def up(
     # One temp dir per node: each node's log monitor then forwards its own workers' logs
     # only (with one shared dir, every line reaches the driver once per node). Short
     # names: Ray's Unix sockets live in them.
-    temp_dir = tempfile.mkdtemp(prefix="mdray-")
+    temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
     env = node_env()
+    # Every process of the cluster inherits it: how `down` tells them from anything else
+    # that came to hold one of the recorded session ids (a reboot, PID reuse).
+    env[OWNER_ENV] = temp_dir
     # Ports Ray would otherwise take at fixed numbers, colliding between nodes or with
     # another Ray on this machine.
     env["AUTOSCALER_METRIC_PORT"] = str(free_port())
@@ -238,18 +242,43 @@ def down(state: str | os.PathLike | None = None, *, keep_temp: bool = False,
     cluster = load_state(path)
     if cluster is None:
         raise ClusterError(f"no local cluster recorded in {path} (nothing to stop)")
+    strangers = [p for p in session_processes([n.session for n in cluster.nodes])
+                 if not started_by(p, cluster)]
     pids = stop(cluster, remove_temp=not keep_temp)
     path.unlink(missing_ok=True)
+    removed = not keep_temp and created_by_up(cluster.temp_dir)
     log(f"stopped the local cluster {cluster.dashboard_url}: {len(pids)} processes"
-        + ("" if keep_temp else f", removed {cluster.temp_dir}"))
+        + (f", removed {cluster.temp_dir}" if removed else "")
+        + (f"; left alone {len(strangers)} processes in its recorded sessions that it did "
+           f"not start (PIDs {strangers[:10]}: the state file {path} was stale)"
+           if strangers else ""))
     return pids
 
 
 def stop(cluster: LocalCluster, *, remove_temp: bool = True) -> list[int]:
-    pids = kill_sessions([n.session for n in cluster.nodes])
-    if remove_temp:
+    """Stop the processes this cluster started, and only those; remove its temp dir if
+    ``up`` made it."""
+    pids = kill_sessions([n.session for n in cluster.nodes],
+                         only=lambda pid: started_by(pid, cluster))
+    if remove_temp and created_by_up(cluster.temp_dir):
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     return pids
+
+
+def started_by(pid: int, cluster: LocalCluster) -> bool:
+    """The process carries the cluster's mark in its environment (see ``up``)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"{OWNER_ENV}={cluster.temp_dir}".encode() in environ
+
+
+def created_by_up(temp_dir: str) -> bool:
+    """A directory ``up`` made: named by it, in the temp folder, with the head's folder."""
+    path = Path(temp_dir)
+    return (path.name.startswith(TEMP_PREFIX) and path.parent == Path(tempfile.gettempdir())
+            and (path / "n0").is_dir() and not path.is_symlink())
 
 
 def status(state: str | os.PathLike | None = None) -> str:
@@ -259,7 +288,7 @@ def status(state: str | os.PathLike | None = None) -> str:
         return f"no local cluster recorded in {path}"
     lines = [f"{cluster.dashboard_url} (Ray at {cluster.address}), state {path}:"]
     for n in cluster.nodes:
-        alive = read_proc(n.raylet_pid) is not None
+        alive = read_proc(n.raylet_pid) is not None and started_by(n.raylet_pid, cluster)
         res = ", ".join(f"{k} {v:g}" for k, v in n.resources.items())
         lines.append(f"  {n.name:<9} raylet pid {n.raylet_pid:<7} "
                      f"{'alive' if alive else 'DEAD '}  {res}")
@@ -294,7 +323,7 @@ def node_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "RAY_AUTH_MODE": "token",  # on for the workers too, not only when a token exists
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 (see the module doc)
+        **LOOPBACK_ENV,  # keep 127.0.0.1 (see metadist.runners.loopback)
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # cloud spot instances only
         # `python` and `metadist` in a job's entrypoint are this environment's.
@@ -413,9 +442,11 @@ def session_processes(sessions: list[int]) -> list[int]:
     return sorted(found)
 
 
-def kill_sessions(sessions: list[int], grace_s: float = 3.0) -> list[int]:
-    """SIGTERM the sessions' processes, SIGKILL what is left after ``grace_s``."""
-    pids = session_processes(sessions)
+def kill_sessions(sessions: list[int], grace_s: float = 3.0,
+                  only: Callable[[int], bool] = lambda pid: True) -> list[int]:
+    """SIGTERM the sessions' processes for which ``only(pid)`` holds, SIGKILL what is left
+    after ``grace_s``."""
+    pids = [p for p in session_processes(sessions) if only(p)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -426,7 +457,7 @@ def kill_sessions(sessions: list[int], grace_s: float = 3.0) -> list[int]:
         while time.time() < deadline and any(read_proc(p) for p in pids):
             time.sleep(0.1)
         # Stragglers started meanwhile (a worker being spawned) go in the second round.
-        pids = sorted(set(pids) | set(session_processes(sessions)))
+        pids = sorted(set(pids) | {p for p in session_processes(sessions) if only(p)})
     return pids
 
 
@@ -437,17 +468,11 @@ def _ray_cli() -> None:
     """``ray`` itself, except that ``ray start`` keeps ``--node-ip-address=127.0.0.1``
     (Ray replaces a loopback address with the outward one; see the module doc)."""
     import ray._private.ray_constants as ray_constants
-    import ray._private.services as services
     from ray.scripts.scripts import main
 
-    # A patch of a private function, kept because Ray 2.60 has no public switch: `ray start`
-    # passes --node-ip-address through resolve_ip_for_localhost, which swaps 127.0.0.1 for
-    # the outward IP, and its servers then listen on every interface. test_cluster_local
-    # lists the cluster's sockets and fails if any is off loopback (e.g. a Ray release
-    # renaming this function).
-    services.resolve_ip_for_localhost = lambda host: host
-    # Inherited RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 would make `ray start` refuse worker
-    # nodes; the processes it starts still see it.
+    keep_ray_on_loopback()
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 would make `ray start` itself refuse worker nodes;
+    # the processes it starts still see it.
     ray_constants.ENABLE_RAY_CLUSTER = True
     sys.argv = ["ray", *sys.argv[1:]]
     main()

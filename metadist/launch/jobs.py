@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from packaging.requirements import Requirement
 
-from metadist.config import load_config, resolve_config
-from metadist.data.location import absolute_paths
+from metadist.config import absolute_paths, load_config, redact, resolve_config
 from metadist.launch.cluster import ClusterError, LocalCluster, load_state, token_source
 from metadist.tracking import check_reachable, resolve_tracking_uri
 
@@ -109,20 +109,20 @@ class Jobs:
         except AuthenticationError as err:
             refused = "invalid token" if "Forbidden" in str(err) else "no token"
             raise ClusterError(
-                f"the Ray job server at {self.address} refused the request ({refused}; "
+                f"the Ray job server at {redact(self.address)} refused the request ({refused}; "
                 f"token taken from {self.token_from}). The token is the cluster's "
                 "~/.ray/auth_token (`ray get-auth-token` on the head prints it): pass "
                 "--token-file FILE, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
             ) from None
         except ConnectionError as err:
             raise ClusterError(
-                f"cannot reach the Ray job server at {self.address} ({err}); is the cluster "
-                "up (`metadist cluster status`, `metadist cluster up --local`)?"
+                f"cannot reach the Ray job server at {redact(self.address)} ({err}); is the "
+                "cluster up (`metadist cluster status`, `metadist cluster up --local`)?"
             ) from None
         except ClusterError:
             raise
         except RuntimeError as err:  # Ray's "Request failed with status code 404: ..."
-            raise ClusterError(f"{self.address}: {err}") from None
+            raise ClusterError(f"{redact(self.address)}: {err}") from None
 
     def submit(self, entrypoint: str, runtime_env: dict[str, Any],
                submission_id: str | None = None, metadata: dict[str, str] | None = None) -> str:
@@ -233,6 +233,11 @@ def submit(config: str, overrides: list[str], *, tune: bool = False,
            ) -> tuple[Jobs, str, str]:
     """Check ``config`` here, then submit it as a job; return the client, the job id and
     its entrypoint. ``env``: ``KEY=VALUE`` items for the job's environment."""
+    if mlflow_uri and (urlsplit(mlflow_uri).username or urlsplit(mlflow_uri).password):
+        # A job's environment is kept by Ray and shown by its dashboard and job API.
+        raise ValueError(f"--mlflow-uri {redact(mlflow_uri)}...: the URI carries "
+                         "credentials; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                         "where the job runs (the cluster's environment) instead")
     address, local_cluster = resolve_address(address)
     local = local_cluster is not None
     command = "tune" if tune else "train"

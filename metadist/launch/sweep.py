@@ -38,12 +38,12 @@ from metadist.config import (
     ConfigError,
     SearchDimension,
     TuneConfig,
+    absolute_paths,
     config_from_dict,
     flatten,
     to_dict,
     uses_ray,
 )
-from metadist.data.location import absolute_paths
 from metadist.learner import Learner
 from metadist.runners.preflight import run_cpus
 from metadist.runners.ray_train import init_ray, local_copy, reporter, train_on_ray

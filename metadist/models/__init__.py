@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from metadist.config import ModelConfig
 from metadist.models.conv4 import Conv4
 from metadist.models.mlp import MLP
+
+if TYPE_CHECKING:  # the models know nothing of configs; a ModelConfig is only read here
+    from metadist.config import ModelConfig
 
 MODELS = {"conv4": Conv4, "mlp": MLP}
 

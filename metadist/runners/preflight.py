@@ -26,7 +26,7 @@ def check_dataset(config: Config) -> None:
     a single-process run: FileNotFoundError / ValueError naming the path)."""
     if config.data.dataset == "sinusoid":
         return
-    from metadist.data.streams import open_streams
+    from metadist.training.streams import open_streams
 
     open_streams(config.data, train_seed=config.train.seed, eval_seed=config.eval.seed)
 

@@ -30,20 +30,23 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from metadist.config import Config, config_from_dict, to_dict, train_episode_shape
 from metadist.data.location import Location
-from metadist.data.streams import training_preprocessing
+from metadist.runners.loopback import LOOPBACK, keep_ray_on_loopback
 from metadist.runners.pipeline import EpisodePipeline
 from metadist.runners.preflight import preflight, run_cpus
 from metadist.tracking import tracked_run
 from metadist.training.checkpoint import load_checkpoint
 from metadist.training.loop import Hooks, train
+from metadist.training.runtime import NonFiniteError
 from metadist.training.signals import Stopped, sigterm_deferred
+from metadist.training.streams import training_preprocessing
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def init_ray(config: Config, need_cpus: float | None = None) -> None:
-    """Attach to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray bound to loopback
-    with at least ``need_cpus`` logical CPUs (default: what one run of ``config`` asks)."""
+    """Attach to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray that listens on
+    loopback only (``metadist.runners.loopback``) with at least ``need_cpus`` logical CPUs
+    (default: what one run of ``config`` asks)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -55,12 +58,13 @@ def init_ray(config: Config, need_cpus: float | None = None) -> None:
     # Logical CPUs for the workers and their light actors; more than the cores is fine,
     # the actors mostly wait.
     need = need_cpus if need_cpus is not None else run_cpus(config)
+    keep_ray_on_loopback()
     ray.init(
         # "local": a new instance even when `ray start` left a cluster on this machine,
         # which ray.init() would otherwise join.
         address="local",
         num_cpus=max(os.cpu_count() or 1, int(need + 1.999)),
-        _node_ip_address="127.0.0.1",
+        _node_ip_address=LOOPBACK,
         # The dashboard serves the state API that Ray Train's controller polls; without
         # it the worker group's placement group is never cleaned up.
         include_dashboard=True,
@@ -113,6 +117,8 @@ def train_on_ray(
     if result.error is not None:
         raise result.error
     outcome = result.return_value
+    if "diverged" in outcome:
+        raise NonFiniteError(outcome["diverged"])
     if "stopped_after_step" in outcome:
         step, path = outcome["stopped_after_step"], outcome["resume"]
         print(f"SIGTERM: the workers stopped after step {step} of {config.train.steps}; "
@@ -218,6 +224,9 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         # Returned, not raised: Ray Train would take an exception for a failure and start
         # the workers again. The driver turns it back into the exit.
         return {"stopped_after_step": stopped.step, "resume": stopped.checkpoint}
+    except NonFiniteError as err:
+        # Returned too: a restart from the last checkpoint would diverge again.
+        return {"diverged": str(err)}
     finally:
         if pipeline is not None:
             pipeline.close()

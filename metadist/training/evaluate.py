@@ -13,9 +13,9 @@ import torch
 from metadist.algorithms import CarriedMoments, MetaStep, adapted_scores
 from metadist.config import Config
 from metadist.data.episodes import MetaBatch
-from metadist.data.streams import episode_batch, open_streams
 from metadist.training.checkpoint import load_trained
-from metadist.training.runtime import resolve_device
+from metadist.training.runtime import check_finite, resolve_device
+from metadist.training.streams import episode_batch, open_streams
 
 
 def meta_test(
@@ -83,8 +83,14 @@ def summarize(
     protocol: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     values = acc if classification else loss
+    if not values.numel():
+        raise ValueError("no episode to score: the meta-test needs at least one episode")
+    metric = "accuracy" if classification else "mse"
+    check_finite(values.mean().item(), f"the {metric} over {values.numel()} episodes",
+                 "the adapted model produced NaN or infinite outputs (an inner learning "
+                 "rate too large, or a diverged model)")
     report = {
-        "metric": "accuracy" if classification else "mse",
+        "metric": metric,
         "mean": values.mean().item(),
         "ci95": confidence_95(values),
         "loss": loss.mean().item(),
@@ -144,7 +150,9 @@ def evaluate_checkpoint(
         if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
             raise ValueError(f"queries must be an integer >= 1 (per class), got {queries!r}")
         cfg.data.queries = queries
-    episodes = episodes or cfg.eval.episodes
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)
     if inner_steps is not None:
         cfg.algorithm.test_inner_steps = inner_steps

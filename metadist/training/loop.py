@@ -28,7 +28,6 @@ from tqdm import tqdm
 from metadist.algorithms import CarriedMoments, MetaStep, meta_gradient
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
-from metadist.data.streams import Streams, episode_batch, open_streams
 from metadist.models import build_model, model_spec
 from metadist.training.checkpoint import load_trained, rng_state, save_checkpoint, set_rng_state
 from metadist.training.distributed import (
@@ -38,8 +37,9 @@ from metadist.training.distributed import (
     shard_bounds,
 )
 from metadist.training.evaluate import episode_scores, protocol, summarize
-from metadist.training.runtime import resolve_device, seed_everything
+from metadist.training.runtime import check_finite, resolve_device, seed_everything
 from metadist.training.signals import Stopped, sigterm_deferred
+from metadist.training.streams import Streams, episode_batch, open_streams
 
 
 class NullTracker:
@@ -167,7 +167,9 @@ def train(
 
     # -- the loop ---------------------------------------------------------------
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
-               disable=not cfg.train.progress or rank != 0, desc=cfg.name, dynamic_ncols=True)
+               # A bar is for a terminal: in a job's log or a file it is noise.
+               disable=not cfg.train.progress or rank != 0 or not sys.stderr.isatty(),
+               desc=cfg.name, dynamic_ncols=True)
     tasks_seen, waited, t_start = 0, 0.0, time.perf_counter()
     last_val: dict[str, Any] | None = None
     # A SIGTERM (preemption) ends the loop after the step in flight, checkpointed; every
@@ -188,6 +190,9 @@ def train(
             moments = [] if carried is None else carried.pending_tensors()
             *reduced, stats = all_reduce_sum([grads[k] for k in params] + moments + [stats])
             n_tasks = stats[2].item()
+            check_finite(stats[0].item(), f"the meta-training loss at step {step + 1}",
+                         "the run diverged; lower algorithm.inner_lr or algorithm.outer_lr, "
+                         "or check the data")
             for p, g in zip(params.values(), reduced):
                 p.grad = g / n_tasks
             if carried is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -21,3 +22,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class NonFiniteError(ValueError):
+    """A loss or a score came out NaN or infinite: the run has diverged (a learning rate
+    too large, bad data) and its numbers mean nothing, so it stops instead of reporting."""
+
+
+def check_finite(value: float, what: str, hint: str) -> float:
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} is {value}: {hint}")
+    return value
