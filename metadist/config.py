@@ -175,7 +175,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
                 raise ConfigError(f"config file not found: {path}")
             try:
                 loaded = OmegaConf.load(path)  # YAML safe loading: no Python objects
-            except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            except OSError as err:
+                if "Invalid loaded object type" in str(err):  # a scalar, not a mapping
+                    raise ConfigError(f"{path}: a config is a mapping of keys, not "
+                                      f"{str(err).split(':')[-1].strip()}") from None
+                raise ConfigError(f"{path}: not a readable YAML file ({err})") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
                 mark = getattr(err, "problem_mark", None)
                 at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
                 detail = getattr(err, "problem", None) or _first_line(err)
@@ -196,9 +201,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             merged.name = Path(path).stem if path is not None else "run"
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config ({where}): {_first_line(err)}") from None
-    validate(config)
+        raise ConfigError(f"invalid config ({where}): {_describe(err)}") from None
+    try:
+        validate(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
     return config
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    """OmegaConf's first line, with the key it is about (it keeps that in ``full_key``)."""
+    key = getattr(err, "full_key", None)
+    line = _first_line(err)
+    return f"{key}: {line}" if key and key not in line else line
 
 
 _RESOLVER = re.compile(r"\$\{[^}]*:")  # ${oc.env:HOME}, ${oc.decode:...}: not ${data.ways}
@@ -233,7 +248,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         refuse_resolvers(OmegaConf.create(data), "config")
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config: {_first_line(err)}") from None
+        raise ConfigError(f"invalid config: {_describe(err)}") from None
     validate(config)
     return config
 

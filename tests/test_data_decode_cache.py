@@ -104,6 +104,30 @@ def test_a_bad_entry_is_decoded_again(
         assert fresh.load_class(c).equal(plain.load_class(c))
 
 
+def test_a_changed_entry_fails_its_checksum_and_is_decoded_again(
+    split: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The shard checks cannot see the cache: an entry whose pixels were changed (by hand,
+    # by a bad disk, by another writer) must not be fed to training.
+    cache = tmp_path / "cache"
+    plain = ClassStore(split)
+    first = ClassStore(split, decode_cache=cache)
+    first.load_class(0)
+    entry = first.decode_cache / "0.npy"
+    raw = bytearray(entry.read_bytes())
+    raw[200] ^= 0xFF  # a pixel, past the .npy header: same shape, same dtype
+    entry.write_bytes(bytes(raw))
+    np.save(first.decode_cache / "1.npy", plain.load_class(1).numpy())  # no checksum
+    store = ClassStore(split, decode_cache=cache)
+    with caplog.at_level(logging.WARNING, logger="metadist.data.store"):
+        assert store.load_class(0).equal(plain.load_class(0))
+        assert store.load_class(1).equal(plain.load_class(1))
+    assert caplog.text.count("does not match its checksum") == 2
+    assert str(entry) in caplog.text
+    fresh = no_decoding(ClassStore(split, decode_cache=cache))  # rebuilt: read, not decoded
+    assert fresh.load_class(0).equal(plain.load_class(0))
+
+
 def test_an_unwritable_cache_falls_back_to_memory(
     split: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

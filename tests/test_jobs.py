@@ -255,3 +255,4 @@ def _http_ok(url: str) -> bool:
             return True
     except OSError:
         return False
+

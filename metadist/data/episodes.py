@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metadist.data.schema import Manifest
+from metadist.data.schema import MAX_IMAGE_SIZE, Manifest
 from metadist.data.store import ClassStore
 
 
@@ -60,6 +60,10 @@ class Preprocessing:
     std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) \
+                or not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be an integer in [1, {MAX_IMAGE_SIZE}], got "
+                             f"{self.image_size!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         for name in ("mean", "std"):

@@ -56,6 +56,10 @@ import pyarrow as pa
 
 from metadist.data.location import Location
 
+# Few-shot images are resized to tens of pixels (28, 84); a size this large is a mistake
+# (or a hostile manifest) that would allocate gigabytes per episode.
+MAX_IMAGE_SIZE = 1024
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.json"
@@ -161,7 +165,8 @@ class _Fields:
             raise self.error(key, f"expected a non-empty string, got {value!r}")
         return value
 
-    def int_(self, key: str, *, minimum: int | None = None, optional: bool = False) -> int | None:
+    def int_(self, key: str, *, minimum: int | None = None, maximum: int | None = None,
+             optional: bool = False) -> int | None:
         value = self.data.get(key)
         if value is None and optional:
             return None
@@ -170,6 +175,8 @@ class _Fields:
             raise self.error(key, f"expected an integer, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.error(key, f"expected an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"expected an integer <= {maximum}, got {value}")
         return value
 
     def bool_(self, key: str) -> bool:
@@ -349,7 +356,7 @@ class Manifest:
         if channels not in (1, 3):
             raise pre_f.error("channels", f"expected 1 or 3, got {channels}")
         pre = PreprocessingInfo(
-            image_size=pre_f.int_("image_size", minimum=1),
+            image_size=pre_f.int_("image_size", minimum=1, maximum=MAX_IMAGE_SIZE),
             channels=channels,
             invert=pre_f.bool_("invert"),
             mean=pre_f.floats("mean"),

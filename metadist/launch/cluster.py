@@ -266,12 +266,19 @@ def stop(cluster: LocalCluster, *, remove_temp: bool = True) -> list[int]:
 
 
 def started_by(pid: int, cluster: LocalCluster) -> bool:
-    """The process carries the cluster's mark in its environment (see ``up``)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"{OWNER_ENV}={cluster.temp_dir}".encode() in environ
+    """The process, or one of its ancestors, carries the cluster's mark in its environment
+    (see ``up``); an ancestor counts because Ray starts some processes (the dashboard's
+    modules, through a multiprocessing forkserver) with an environment of their own."""
+    mark = f"{OWNER_ENV}={cluster.temp_dir}".encode()
+    info = read_proc(pid)
+    while info is not None:
+        try:
+            if mark in Path(f"/proc/{info.pid}/environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            pass
+        info = read_proc(info.ppid) if info.ppid > 1 else None
+    return False
 
 
 def created_by_up(temp_dir: str) -> bool:

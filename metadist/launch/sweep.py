@@ -169,7 +169,8 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
         else:
             cfg.train.threads = cfg.train.threads or max(1, int(cfg.tune.cpus_per_trial))
             restored = tune.get_checkpoint()
-            train(cfg, tracker, local_copy(restored) if restored else None, run_dir=run_dir,
+            train(cfg, tracker, local_copy(restored, run_dir) if restored else None,
+                  run_dir=run_dir,
                   hooks=Hooks(report=reporter(tune.report, tune.Checkpoint)))
 
 
@@ -464,7 +465,7 @@ def best_checkpoint(best, sweep_dir: Path) -> str:
     if final.is_file():  # the trial ran on this machine (or the sweep is on shared storage)
         return str(final)
     if best.checkpoint is not None:  # trials on this process report their checkpoints to Tune
-        return local_copy(best.checkpoint)
+        return local_copy(best.checkpoint, sweep_dir / "best")
     # Trials on Ray Train workers: the checkpoint Ray Train stored, named in the metrics.
     path = Path(best.metrics["checkpoint_path"]) / "checkpoint.pt"
     if not path.is_file():

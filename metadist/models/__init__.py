@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from metadist.models.conv4 import Conv4
 from metadist.models.mlp import MLP
@@ -32,17 +35,46 @@ def model_spec(model: Conv4 | MLP) -> dict[str, Any]:
     return {"kind": kind, "kwargs": kwargs}
 
 
-def model_from_spec(spec: dict[str, Any]) -> Conv4 | MLP:
+# Far beyond any few-shot backbone here (Conv4: ~0.1M, ResNet-12: ~12M): a spec asking for
+# more (a corrupt or hostile checkpoint) is refused before anything is allocated.
+MAX_PARAMETERS = 2**30
+
+
+def model_from_spec(spec: Any) -> Conv4 | MLP:
+    """The model a checkpoint describes; ValueError for a spec that is not one."""
+    if not isinstance(spec, dict) or spec.get("kind") not in MODELS \
+            or not isinstance(spec.get("kwargs"), dict):
+        raise ValueError(f"model spec {_short(spec)}: expected {{'kind': one of "
+                         f"{sorted(MODELS)}, 'kwargs': {{...}}}}")
     cls = MODELS[spec["kind"]]
     kwargs = dict(spec["kwargs"])
-    if cls is MLP:
+    if cls is MLP and isinstance(kwargs.get("hidden"), list):
         kwargs["hidden"] = tuple(kwargs["hidden"])
-    return cls(**kwargs)
+    try:
+        model = cls(**kwargs)
+        shapes = param_shapes(model)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"model spec {_short(spec)}: {err}") from None
+    count = sum(math.prod(shape) for shape in shapes.values())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"model spec {_short(spec)}: {count:,} parameters, more than "
+                         f"{MAX_PARAMETERS:,}")
+    return model
 
 
-def check_params(model: Conv4 | MLP, params: dict, where: str) -> None:
-    """Parameters loaded from a file must be exactly the model's, with the model's shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.init_params().items()}
+def param_shapes(model: Conv4 | MLP) -> dict[str, tuple[int, ...]]:
+    """The model's parameter shapes, allocating nothing (tensors on the meta device)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in model.init_params().items()}
+
+
+def check_params(model: Conv4 | MLP, params: Any, where: str) -> None:
+    """Parameters loaded from a file must be exactly the model's: the same names and shapes,
+    and floating point. (Non-finite values surface as a non-finite score.)"""
+    if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor)
+                                               for v in params.values()):
+        raise ValueError(f"{where}: parameters must be a mapping of names to tensors")
+    expected = param_shapes(model)
     got = {k: tuple(v.shape) for k, v in params.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
@@ -52,8 +84,18 @@ def check_params(model: Conv4 | MLP, params: dict, where: str) -> None:
             f"{where}: parameters do not match the model {model!r}: missing {missing}, "
             f"unexpected {extra}, wrong shape {shapes}"
         )
+    dtypes = sorted(k for k, v in params.items() if not v.is_floating_point())
+    if dtypes:
+        raise ValueError(f"{where}: parameters {dtypes} are not floating point "
+                         f"({params[dtypes[0]].dtype})")
+
+
+def _short(value: Any, width: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 __all__ = [
-    "MLP", "MODELS", "Conv4", "build_model", "check_params", "model_from_spec", "model_spec",
+    "MAX_PARAMETERS", "MLP", "MODELS", "Conv4", "build_model", "check_params",
+    "model_from_spec", "model_spec", "param_shapes",
 ]

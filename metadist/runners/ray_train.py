@@ -198,7 +198,7 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     resume = cfg.resume
     restored = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
     if restored is not None:
-        resume = local_copy(restored)
+        resume = local_copy(restored, loop_config["run_dir"])
     start = int(load_checkpoint(resume)["step"]) if resume else 0
 
     batches, pipeline = None, None
@@ -249,12 +249,17 @@ def reporter(report_fn, checkpoint_cls=Checkpoint):
     return report
 
 
-def local_copy(checkpoint: Checkpoint) -> str:
-    """A reported Ray checkpoint as a local ``.pt`` file that ``resume`` can take."""
-    local = Path(tempfile.mkdtemp(prefix="metadist-restore-"))
+def local_copy(checkpoint: Checkpoint, into: str | Path) -> str:
+    """A reported Ray checkpoint as a local ``.pt`` file that ``resume`` can take, at
+    ``into/restored.pt`` (the run's own directory: a copy in the temp folder would outlive
+    the run and never be cleaned up). A later restore overwrites it."""
+    target = Path(into) / "restored.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # the ranks on a node copy at once
     with checkpoint.as_directory() as d:
-        shutil.copy(Path(d) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
-    return str(local / CHECKPOINT_FILE)
+        shutil.copy(Path(d) / CHECKPOINT_FILE, tmp)
+    os.replace(tmp, target)
+    return str(target)
 
 
 def open_pipeline(cfg: Config, *, start_step: int, rank: int, world_size: int):

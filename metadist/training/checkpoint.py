@@ -74,9 +74,19 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu",
     """Load ``path`` and check its parameters against ``model`` (a resumed run's own),
     or against the model the checkpoint describes."""
     state = load_checkpoint(path, map_location=device)
+    missing = [k for k in ("config", "model", "params", "step") if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a complete metadist checkpoint (no {missing})")
     # Through the config schema: a checkpoint from before a key existed gets its default.
-    config = config_from_dict(state["config"])
-    model = model if model is not None else model_from_spec(state["model"])
+    try:
+        config = config_from_dict(state["config"])
+    except ValueError as err:
+        raise ValueError(f"{path}: its config: {err}") from None
+    if model is None:
+        try:
+            model = model_from_spec(state["model"])
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     check_params(model, state["params"], str(path))
     params = {k: v.to(device) for k, v in state["params"].items()}
     return Trained(str(path), state, config, model, params)

@@ -12,9 +12,18 @@ import torch
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r} is not a device: auto, cpu, cuda or cuda:N"
+                         ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device={name!r}: metadist runs on auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"train.device={name!r} but this machine has "
+                         f"{torch.cuda.device_count()} CUDA devices")
     return device
 
 
