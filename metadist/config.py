@@ -361,6 +361,13 @@ def validate(config: Config) -> None:
         if not config.data.decode_cache:
             raise ConfigError(f"data.decode_cache_max_gb={cap} caps the decode cache, and "
                               "data.decode_cache is not set (name a node-local directory)")
+    # The defaults alone (sinusoid data, the Conv4) do not make a run: say what is missing.
+    sinusoid = config.data.dataset == "sinusoid"
+    if sinusoid != (config.model.name == "mlp"):
+        raise ConfigError(
+            f"model.name={config.model.name!r} does not fit data.dataset="
+            f"{config.data.dataset!r}: the sinusoid tasks (1-d regression) take "
+            "model.name=mlp, an image dataset (`metadist data convert ...`) model.name=conv4")
 
 
 _SECRET_QUERY = re.compile(r"(secret|password|passwd|token|access_key|credential|signature)",

@@ -170,6 +170,18 @@ def test_train_refuses_a_bad_config_file(case, tmp_path, capsys, monkeypatch):
     assert not marker.exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_minimal_config_says_what_it_lacks(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minimal.yaml").write_text("name: minimal\n")
+    code, output = run(["train", "minimal.yaml", "train.steps=2"], capsys)
+    assert_refused(code, output, "model.name='conv4' does not fit data.dataset='sinusoid'",
+                   "model.name=mlp")
+    code, output = run(["train", "minimal.yaml", "train.steps=2", "model.name=mlp",
+                        "train.val_every=0", "eval.episodes=5", "tracking.enabled=false",
+                        "train.inner_loop=loop"], capsys)
+    assert code == 0, output[-3000:]  # with the one key it lacks, it runs
+
+
 @pytest.mark.parametrize("case", ["missing", "directory"])
 def test_train_refuses_a_config_that_is_not_a_file(case, tmp_path, capsys):
     path = tmp_path / "cfg.yaml"
@@ -353,6 +365,11 @@ def imagefolder_case(case: str, tmp_path: Path) -> tuple[list[str], str]:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
         return ["imagefolder", str(src), str(out)], str(out)
+    if case == "out-under-a-file":
+        (tmp_path / "afile").write_text("x")
+        return ["imagefolder", str(src), str(tmp_path / "afile" / "out")], "is a file, not a"
+    if case == "out-not-writable":
+        return ["imagefolder", str(src), "/proc/metadist-out"], "cannot write in /proc"
     if case == "val-fraction-too-big":
         return ["imagefolder", str(src), str(out), "--val-fraction", "1.5"], "1.5"
     if case == "negative-test-fraction":
@@ -363,6 +380,7 @@ def imagefolder_case(case: str, tmp_path: Path) -> tuple[list[str], str]:
 IMAGEFOLDER = ["missing-src", "src-is-a-file", "no-classes", "class-without-images",
                "class-alias-symlink", "class-loops-to-the-tree", "file-symlink-outside",
                "dir-symlink-inside-class", "corrupt-image", "out-inside-src", "out-exists",
+               "out-under-a-file", "out-not-writable",
                "val-fraction-too-big", "negative-test-fraction"]
 
 
@@ -425,6 +443,8 @@ def test_convert_omniglot_refuses(case, tmp_path, capsys, monkeypatch):
     (lambda m: m["preprocessing"].update(std=[0.0]), "expected positive values"),
     (lambda m: m.update(classes="all"), "classes"),
     (lambda m: m["classes"][0].update(shard="../../etc/passwd"), "shard"),
+    ("directory", "a directory, not a JSON file"),
+    ("not-json", "not valid JSON"),
 ])
 def test_training_refuses_a_tampered_manifest(edit, culprit, tmp_path, capsys):
     from metadist.data.ingest import convert_imagefolder
@@ -432,9 +452,15 @@ def test_training_refuses_a_tampered_manifest(edit, culprit, tmp_path, capsys):
     data = convert_imagefolder(image_tree(tmp_path / "src", classes=10), tmp_path / "data",
                                val_fraction=0.2, test_fraction=0.2)
     manifest_path = data / "train" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    edit(manifest)
-    manifest_path.write_text(json.dumps(manifest))
+    if edit == "directory":
+        manifest_path.unlink()
+        manifest_path.mkdir()
+    elif edit == "not-json":
+        manifest_path.write_text("{not json")
+    else:
+        manifest = json.loads(manifest_path.read_text())
+        edit(manifest)
+        manifest_path.write_text(json.dumps(manifest))
     code, output = run(["train", str(ROOT / "configs" / "omniglot_5w1s_maml.yaml"),
                         f"data.dataset={data}", "data.ways=2", "data.queries=1",
                         "tracking.enabled=false", f"train.output_dir={tmp_path / 'runs'}"],

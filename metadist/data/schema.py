@@ -551,7 +551,14 @@ def dumps_json(value: object, indent: str = "") -> str:
 
 
 def _read_json(path: Location) -> object:
-    raw = path.read_bytes()  # a missing file stays FileNotFoundError
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a JSON file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise  # the callers name what is missing
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc})") from None
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,20 @@ def _foreign_entries(out: Path) -> list[str]:
     return foreign
 
 
+def _check_writable(parent: Path, out: Path) -> None:
+    """The dataset is built beside ``out`` and renamed into place: the folder that will hold
+    it must exist (or be creatable) and take a file, checked before the decode pass."""
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise FileExistsError(f"output {out}: {existing} is a file, not a folder")
+    try:  # in the nearest folder that exists: nothing is created for a conversion that fails
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".metadist-probe-"):
+            pass
+    except OSError as err:
+        raise FileExistsError(f"output {out}: cannot write in {existing} ({err.strerror})"
+                              ) from None
+
+
 def check_output(out: str | Path, overwrite: bool) -> None:
     """Raise ``FileExistsError`` unless a dataset may be written at ``out``.
 
@@ -99,6 +114,7 @@ def check_output(out: str | Path, overwrite: bool) -> None:
     if out.is_symlink():
         raise FileExistsError(f"{out} is a symlink; pass the real directory")
     if not out.exists():
+        _check_writable(out.parent, out)
         return
     if not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
