@@ -175,7 +175,7 @@ def test_a_minimal_config_says_what_it_lacks(tmp_path, capsys, monkeypatch):
     (tmp_path / "minimal.yaml").write_text("name: minimal\n")
     code, output = run(["train", "minimal.yaml", "train.steps=2"], capsys)
     assert_refused(code, output, "model.name='conv4' does not fit data.dataset='sinusoid'",
-                   "model.name=mlp")
+                   "take model.name=mlp")
     code, output = run(["train", "minimal.yaml", "train.steps=2", "model.name=mlp",
                         "train.val_every=0", "eval.episodes=5", "tracking.enabled=false",
                         "train.inner_loop=loop"], capsys)
@@ -467,6 +467,19 @@ def test_training_refuses_a_tampered_manifest(edit, culprit, tmp_path, capsys):
                        capsys)
     assert_refused(code, output, str(manifest_path), culprit)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_a_feature_row_model_on_an_image_dataset_is_refused(tmp_path, capsys):
+    from metadist.data.ingest import convert_imagefolder
+
+    data = convert_imagefolder(image_tree(tmp_path / "src", classes=10), tmp_path / "data",
+                               val_fraction=0.2, test_fraction=0.2)
+    code, output = run(["train", SINUSOID, f"data.dataset={data}", "data.ways=2",
+                        "data.shots=1", "data.queries=1", "tracking.enabled=false",
+                        f"train.output_dir={tmp_path / 'runs'}"], capsys)
+    assert_refused(code, output, "model.name='mlp' takes feature rows",
+                   "use model.name=conv4")
+    assert not any((tmp_path / "runs").rglob("*.pt"))
 
 
 def test_a_config_image_size_beyond_the_bound_is_refused(tmp_path, capsys):

@@ -21,6 +21,7 @@ import torch
 
 from metadist.data import ClassStore, EpisodeSampler, MetaBatch
 from metadist.data.schema import SHARD_SCHEMA
+from metadist.data.store import CHECKSUM_MAGIC
 from metadist.runners.pipeline import EpisodePipeline, PipelineError
 from metadist.training.distributed import shard_bounds
 
@@ -237,7 +238,8 @@ def test_actors_keep_a_capped_decode_cache_under_its_cap(
     ray_session: None, split: Path, sampler: EpisodeSampler, tmp_path: Path
 ) -> None:
     cache = tmp_path / "decoded"
-    entry = 20 * 28 * 28 + 128  # an Omniglot class: 20 images of 28x28, the .npy header
+    # An Omniglot class: 20 images of 28x28, the .npy header, the checksum trailer.
+    entry = 20 * 28 * 28 + 128 + len(CHECKSUM_MAGIC) + 32
     cap = 3 * entry  # far fewer than the 20 classes a meta-batch reads: entries are evicted
     with pipeline(split, num_actors=2, prefetch=2, decode_cache=str(cache),
                   decode_cache_max_gb=cap / 1e9) as pipe:

@@ -183,14 +183,14 @@ def job_arguments(
     if not Path(config).is_file() and (root / config).is_file():
         config = str(root / config)  # configs/x.yaml from outside the checkout
     path = resolve_config(config).resolve()
-    loaded = load_config(path, overrides)  # ConfigError here, before anything is submitted
-    try:
+    try:  # first: where the file is decides whether the job can read it at all
         relative = path.relative_to(root)
     except ValueError:
         raise ClusterError(
             f"config {path} is outside {root}, the directory shipped to the cluster: "
             "put it under configs/"
         ) from None
+    loaded = load_config(path, overrides)  # ConfigError here, before anything is submitted
     # On the local cluster the filesystem is the same, but the job's working directory is
     # a copy without data/ and runs/.
     extra = [f"{k}={v}" for k, v in absolute_paths(loaded).items()] if local else []

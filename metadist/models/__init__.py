@@ -21,6 +21,10 @@ def build_model(
     cfg: ModelConfig, *, ways: int, in_channels: int, image_size: int | None
 ) -> Conv4 | MLP:
     if cfg.name == "mlp":
+        if image_size is not None:
+            raise ValueError("model.name='mlp' takes feature rows (the sinusoid tasks), and "
+                             f"this dataset holds {image_size}x{image_size} images: use "
+                             "model.name=conv4")
         return MLP(in_features=in_channels, hidden=tuple(cfg.mlp_hidden), out_features=1)
     return Conv4(
         ways=ways, in_channels=in_channels, hidden=cfg.hidden, image_size=image_size or 28,
