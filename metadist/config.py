@@ -190,7 +190,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
                                   f"{type(loaded).__name__}")
             refuse_resolvers(loaded, where)
             merged = OmegaConf.merge(merged, loaded)
-        where = f"command-line overrides {list(overrides)}"
+        # Keys only: a value may be what the message refuses (a secret).
+        where = f"command-line overrides of {[item.partition('=')[0] for item in overrides]}"
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -205,7 +206,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     try:
         validate(config)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+        if path is None:
+            raise
+        # The file, not the overrides: an override may hold what the message refuses.
+        raise ConfigError(f"{err} (config {path})") from None
     return config
 
 

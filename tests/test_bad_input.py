@@ -112,6 +112,7 @@ OVERRIDES = [
     ("nope=1", "nope"),
     ("algorithm.nope=1", "nope"),
     ("train.steps", "'train.steps' is not of the form key=value"),
+    (f"tracking.token={SECRET}", "token"),  # an unknown key: named, its value not shown
     ("data.dataset=/nonexistent/omniglot", "/nonexistent/omniglot"),
     ("resume=/nonexistent/final.pt", "/nonexistent/final.pt"),
     ("tracking.run_name=${oc.env:HOME}", "tracking.run_name uses a resolver"),
