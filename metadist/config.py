@@ -387,16 +387,25 @@ def redact(uri: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+def credentials_in(uri: str) -> str | None:
+    """What secret ``uri`` carries (``user:password@``, or a query option such as
+    ``secret_key``), or None."""
+    if "://" not in uri:
+        return None
+    parts = urlsplit(uri)
+    query = [k for k, _ in parse_qsl(parts.query) if _SECRET_QUERY.search(k)]
+    if query:
+        return f"query option {query[0]!r}"
+    if parts.password is not None or parts.username is not None:
+        return "user:password@"
+    return None
+
+
 def _refuse_credentials(config: Config) -> None:
     """No value of a config may carry a secret: the config is recorded with every run (its
     run directory, checkpoints, MLflow params). The message shows the URI redacted."""
     for key, value in flatten(config).items():
-        if not isinstance(value, str) or "://" not in value:
-            continue
-        parts = urlsplit(value)
-        query = [k for k, _ in parse_qsl(parts.query) if _SECRET_QUERY.search(k)]
-        if parts.password is not None or parts.username is not None or query:
-            what = f"query option {query[0]!r}" if query else "user:password@"
+        if isinstance(value, str) and (what := credentials_in(value)):
             raise ConfigError(
                 f"{key}={redact(value)}...: the URI carries credentials ({what}), and configs "
                 "are recorded with every run. Give them to the client instead: for MLflow "

@@ -21,11 +21,16 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from packaging.requirements import Requirement
 
-from metadist.config import absolute_paths, load_config, redact, resolve_config
+from metadist.config import (
+    absolute_paths,
+    credentials_in,
+    load_config,
+    redact,
+    resolve_config,
+)
 from metadist.launch.cluster import ClusterError, LocalCluster, load_state, token_source
 from metadist.tracking import check_reachable, resolve_tracking_uri
 
@@ -233,7 +238,7 @@ def submit(config: str, overrides: list[str], *, tune: bool = False,
            ) -> tuple[Jobs, str, str]:
     """Check ``config`` here, then submit it as a job; return the client, the job id and
     its entrypoint. ``env``: ``KEY=VALUE`` items for the job's environment."""
-    if mlflow_uri and (urlsplit(mlflow_uri).username or urlsplit(mlflow_uri).password):
+    if mlflow_uri and credentials_in(mlflow_uri):
         # A job's environment is kept by Ray and shown by its dashboard and job API.
         raise ValueError(f"--mlflow-uri {redact(mlflow_uri)}...: the URI carries "
                          "credentials; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
