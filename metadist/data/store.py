@@ -396,7 +396,7 @@ def _open_parquet(path: Location) -> pq.ParquetFile:
 
 
 # Each entry ends with this and the sha256 of its pixels (np.load ignores trailing bytes):
-# a changed or truncated entry is decoded again rather than fed to training (10 ms for a
+# a changed or truncated entry is decoded again rather than fed to training (12 ms for a
 # miniImageNet class, once per class and process).
 CHECKSUM_MAGIC = b"MDSHA256"
 
