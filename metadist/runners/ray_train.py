@@ -1,6 +1,6 @@
 """Meta-training on Ray: Ray Train's ``TorchTrainer`` starts and supervises the workers
-(process groups: NCCL on CUDA, gloo on CPU), restarts them from the last reported
-checkpoint after a failure, and each worker's share of every meta-batch streams in from
+(process groups: NCCL on CUDA, gloo on CPU, met through ``metadist.runners.rendezvous``),
+restarts them from the last reported checkpoint after a failure, and each worker's share of every meta-batch streams in from
 a pool of episode actors (``metadist.runners.pipeline``). The loop itself is
 ``metadist.training.loop``.
 
@@ -33,6 +33,7 @@ from metadist.data.location import Location
 from metadist.runners.loopback import LOOPBACK, keep_ray_on_loopback
 from metadist.runners.pipeline import EpisodePipeline
 from metadist.runners.preflight import preflight, run_cpus
+from metadist.runners.rendezvous import BoundRendezvous
 from metadist.tracking import tracked_run
 from metadist.training.checkpoint import load_checkpoint
 from metadist.training.loop import Hooks, train
@@ -92,6 +93,7 @@ def train_on_ray(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     trainer = TorchTrainer(
         worker_loop,
+        torch_config=BoundRendezvous(),
         train_loop_config={
             "config": to_dict(config),
             "run_dir": str(run_dir),
