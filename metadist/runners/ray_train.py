@@ -1,7 +1,7 @@
 """Meta-training on Ray: Ray Train's ``TorchTrainer`` starts and supervises the workers
 (process groups: NCCL on CUDA, gloo on CPU, met through ``metadist.runners.rendezvous``),
-restarts them from the last reported checkpoint after a failure, and each worker's share of every meta-batch streams in from
-a pool of episode actors (``metadist.runners.pipeline``). The loop itself is
+restarts them from the last reported checkpoint after a failure, and each worker's share
+of every meta-batch streams in from a pool of episode actors (``metadist.runners.pipeline``). The loop itself is
 ``metadist.training.loop``.
 
 Ray Train's workers get no signal when the job is stopped or preempted: the driver does.
