@@ -1,8 +1,8 @@
 """Meta-training on Ray: Ray Train's ``TorchTrainer`` starts and supervises the workers
 (process groups: NCCL on CUDA, gloo on CPU, met through ``metadist.runners.rendezvous``),
 restarts them from the last reported checkpoint after a failure, and each worker's share
-of every meta-batch streams in from a pool of episode actors (``metadist.runners.pipeline``). The loop itself is
-``metadist.training.loop``.
+of every meta-batch streams in from a pool of episode actors
+(``metadist.runners.pipeline``). The loop itself is ``metadist.training.loop``.
 
 Ray Train's workers get no signal when the job is stopped or preempted: the driver does.
 Its first SIGTERM is passed on through a small actor whose answer the workers check once
