@@ -18,7 +18,6 @@ from typing import Any
 
 from metadist.config import ConfigError, load_config, resolve_config
 from metadist.launch.cluster import STATE_ENV, ClusterError
-from metadist.launch.jobs import ROOT
 from metadist.tracking import TrackingError
 from metadist.training.signals import sigterm_unwinds
 
@@ -302,12 +301,12 @@ def add_job_commands(sub: Any) -> None:
     p = sub.add_parser("submit", help="run a config on a Ray cluster (Ray Jobs API) and "
                        "follow its log")
     p.__class__ = _Intermixed  # the subparsers action creates plain parsers
-    p.add_argument("config", help="YAML config under configs/ (shipped with the repository)")
+    p.add_argument("config", help="YAML config inside the working directory (shipped)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=2")
     p.add_argument("--tune", action="store_true", help="run `metadist tune` instead of train")
-    p.add_argument("--working-dir", type=Path, default=ROOT,
-                   help=f"directory shipped to the cluster, the job's working directory "
-                   f"(default: {ROOT})")
+    p.add_argument("--working-dir", type=Path, default=None,
+                   help="directory shipped to the cluster as the job's working directory; "
+                   "the config must be inside it (default: the current directory)")
     _connection_args(p)
     p.add_argument("--mlflow-uri", help="tracking URI for the run (default: on the local "
                    "cluster yours, else the cluster's $MLFLOW_TRACKING_URI)")

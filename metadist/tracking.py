@@ -329,10 +329,15 @@ def run_params(config: Config) -> dict[str, str]:
 
 
 def run_tags(config: Config, where: Path | None = None) -> dict[str, Any]:
-    commit = git_commit(where or PACKAGE_DIR)
-    # Without a commit (a shipped copy, a wheel) nothing says the tree was clean.
-    edited = ("unknown" if commit == "unknown"
-              else ", ".join(git_uncommitted(where or PACKAGE_DIR)) or "none")
+    if where is None and os.environ.get("METADIST_GIT_COMMIT"):
+        # A submitted job's shipped copy has no history: submit recorded what it shipped.
+        commit = os.environ["METADIST_GIT_COMMIT"]
+        edited = os.environ.get("METADIST_GIT_UNCOMMITTED", "unknown")
+    else:
+        commit = git_commit(where or PACKAGE_DIR)
+        # Without a commit (a wheel, a copy) nothing says the tree was clean.
+        edited = ("unknown" if commit == "unknown"
+                  else ", ".join(git_uncommitted(where or PACKAGE_DIR)) or "none")
     return {
         "algorithm": config.algorithm.name,
         "dataset": dataset_name(config.data.dataset),

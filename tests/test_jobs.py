@@ -156,6 +156,39 @@ def test_a_stopped_sweep_job_leaves_a_resumable_sweep(cluster, mlflow_server, tm
         print(f"sweep stop -> STOPPED in {stopped_in:.0f} s")
 
 
+def test_a_project_elsewhere_is_shipped_with_the_metadist_that_submits_it(
+        cluster, tmp_path, monkeypatch, capsys):
+    # The user stands in a project of their own: its config (and nothing of the metadist
+    # checkout) is the job's working directory, and the metadist that submits it is
+    # shipped beside it, so the job runs that code and its run records that commit.
+    from mlflow import MlflowClient
+
+    from metadist.tracking import git_commit
+
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "mine.yaml").write_text((ROOT / SINUSOID).read_text())
+    monkeypatch.chdir(project)
+    rc = main(["submit", "configs/mine.yaml", "train.steps=10", *TINY,
+               "train.output_dir=runs"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    assert "meta-test mse:" in out and "SUCCEEDED" in err
+    assert any((project / "runs").glob("*/checkpoints/*.pt"))  # paths made absolute
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("metadist").experiment_id])
+    assert run.data.tags["git_commit"] == git_commit(ROOT / "metadist")
+    # The job imported the shipped copy, not the one this machine's environment holds.
+    from metadist.launch.jobs import runtime_env
+
+    jobs = Jobs()
+    job_id = jobs.submit('python -c "import metadist; print(metadist.__file__)"',
+                         runtime_env(env_vars={}, root=project))
+    wait_for(lambda: jobs.status(job_id).is_terminal(), 60, "the job to end")
+    imported = Path(jobs.logs(job_id).strip().splitlines()[-1])
+    assert imported.name == "__init__.py" and not imported.is_relative_to(ROOT), imported
+
+
 def test_a_request_without_the_clusters_token_is_refused(cluster, tmp_path, capsys):
     jobs_before = len(Jobs().list())
     wrong = tmp_path / "wrong-token"

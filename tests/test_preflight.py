@@ -5,12 +5,21 @@ real cluster)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from metadist.config import load_config
-from metadist.launch.jobs import ROOT, job_arguments, pinned_requirements, runtime_env
+from metadist.launch.jobs import (
+    PACKAGE,
+    job_arguments,
+    pinned_requirements,
+    runtime_env,
+    source_tags,
+)
 from metadist.runners.preflight import check_dataset, check_resources
 
+ROOT = Path(__file__).resolve().parents[1]
 HEAD = {"CPU": 0.0, "memory": 1e9}
 
 
@@ -71,23 +80,26 @@ def test_a_job_runs_the_checked_config_with_paths_made_absolute_on_the_local_clu
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     argv, config = job_arguments(str(ROOT / "configs/sinusoid_maml.yaml"),
-                                 ["workers=2", "train.output_dir=out"], local=True)
+                                 ["workers=2", "train.output_dir=out"], local=True, root=ROOT)
     assert argv == ["train", "configs/sinusoid_maml.yaml", "workers=2",
                     "train.output_dir=out", f"train.output_dir={tmp_path.parent / 'out'}"]
     assert config.workers == 2
     remote, _ = job_arguments(str(ROOT / "configs/sinusoid_maml.yaml"),
-                              ["train.output_dir=out"], command="tune")
+                              ["train.output_dir=out"], command="tune", root=ROOT)
     assert remote == ["tune", "configs/sinusoid_maml.yaml", "train.output_dir=out"]
     outside = tmp_path / "mine.yaml"
-    outside.write_text("name: mine\n")
-    with pytest.raises(Exception, match="outside .*put it under configs/"):
-        job_arguments(str(outside), [])
+    outside.write_text((ROOT / "configs/sinusoid_maml.yaml").read_text())
+    with pytest.raises(Exception, match=f"config {outside} is outside {ROOT}, .*--working-dir"):
+        job_arguments(str(outside), [], root=ROOT)
+    monkeypatch.chdir(tmp_path)  # the default: the directory the user stands in
+    assert job_arguments("mine.yaml", [])[0] == ["train", "mine.yaml"]
 
 
 def test_the_runtime_environment_ships_the_code_not_the_data():
     from ray._private.runtime_env.packaging import _get_excludes
 
-    env = runtime_env(env_vars={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    env = runtime_env(env_vars={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, root=ROOT)
+    assert env["working_dir"] == str(ROOT) and "py_modules" not in env  # the checkout has it
     excluded = _get_excludes(ROOT, env["excludes"])  # how Ray applies them
     for path in (".venv", "data/omniglot", "runs", "mlflow.db", ".git", "metadist/__pycache__"):
         assert excluded(ROOT / path), path
@@ -109,3 +121,45 @@ def test_submit_takes_options_among_the_overrides():
     assert args.config == "configs/sinusoid_maml.yaml" and args.no_follow
     assert args.address == "http://127.0.0.1:8265"
     assert args.overrides == ["workers=2", "train.steps=5"]
+
+
+def test_a_project_is_shipped_with_this_metadist_beside_it_and_not_its_data(tmp_path):
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    project = tmp_path / "project"
+    for path in ("configs/mine.yaml", "data/omniglot/part-0.parquet", "data/ingest/raw.zip",
+                 "data/[odd]*name", "runs/r/checkpoint.pt", "mymodels/backbone.py"):
+        (project / path).parent.mkdir(parents=True, exist_ok=True)
+        (project / path).write_text("x")
+    env = runtime_env(env_vars={}, root=project)
+    assert env["working_dir"] == str(project) and env["py_modules"] == [str(PACKAGE)]
+    # Ray applies one exclude list to the working directory and to each module, each
+    # relative to its own top.
+    in_project = _get_excludes(project, env["excludes"])
+    for path in ("data/omniglot", "data/[odd]*name", "runs"):
+        assert in_project(project / path), path
+    for path in ("configs/mine.yaml", "mymodels/backbone.py", "data"):
+        assert not in_project(project / path), path
+    # data/ingest is the name of a metadist subpackage too: the project's copy is shipped
+    # rather than the package's dropped (the package's is the one that matters).
+    in_package = _get_excludes(PACKAGE, env["excludes"])
+    for path in ("data/episodes.py", "data/ingest/convert.py", "training/loop.py", "cli.py"):
+        assert not in_package(PACKAGE / path), path
+    assert in_package(PACKAGE / "__pycache__")
+
+
+def test_a_job_records_the_commit_of_the_metadist_it_ships(monkeypatch):
+    from metadist.tracking import git_commit, run_tags
+
+    tags = source_tags()
+    commit = git_commit(PACKAGE)
+    if commit == "unknown":  # a copy without git history (a CI tarball)
+        assert tags == {}
+        return
+    assert tags["METADIST_GIT_COMMIT"] == commit and tags["METADIST_GIT_UNCOMMITTED"]
+    assert set(tags) <= set(runtime_env(env_vars={}, root=ROOT)["env_vars"])
+    # In the job, the shipped copy has no history; the tags come from what submit sent.
+    monkeypatch.setenv("METADIST_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("METADIST_GIT_UNCOMMITTED", "metadist/cli.py")
+    recorded = run_tags(cfg())
+    assert (recorded["git_commit"], recorded["git_uncommitted"]) == ("abc123", "metadist/cli.py")

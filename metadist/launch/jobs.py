@@ -2,10 +2,12 @@
 ``metadist jobs`` do.
 
 A submitted run is ``python -m metadist.cli train CONFIG key=value ...`` (or ``tune``)
-executed on the cluster's head in a copy of this repository (the runtime environment's
-``working_dir``); the config is checked here first, so a bad config never reaches the
-cluster. Ray's token authentication stays on: every request carries the token
-(``--token-file``, ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``).
+executed on the cluster's head in a copy of the directory the user stands in (the runtime
+environment's ``working_dir``), with this metadist shipped beside it (``py_modules``) when
+that directory does not hold it, so a job runs the code it was submitted with; the
+config is checked here first, so a bad config never reaches the cluster. Ray's token
+authentication stays on: every request carries the token (``--token-file``,
+``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``).
 """
 
 from __future__ import annotations
@@ -32,21 +34,11 @@ from metadist.config import (
     resolve_config,
 )
 from metadist.launch.cluster import ClusterError, LocalCluster, load_state, token_source
-from metadist.tracking import check_reachable, resolve_tracking_uri
+from metadist.tracking import check_reachable, git_commit, git_uncommitted, resolve_tracking_uri
 
-
-def _checkout() -> Path:
-    """The repository this metadist runs from (an editable install), else the current
-    directory: what a job's working directory is a copy of."""
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file() and (repo / "configs").is_dir():
-        return repo
-    return Path.cwd()
-
-
-ROOT = _checkout()
-# Never shipped: environments, data, outputs (Ray also skips what .gitignore lists).
-# Anchored with "/": a bare "data" would also drop the package metadist/data.
+PACKAGE = Path(__file__).resolve().parents[1]  # the metadist package this runs from
+# Never shipped: environments, data, outputs (Ray also skips what .gitignore and .rayignore
+# list). Anchored with "/": a bare "data" would also drop the package metadist/data.
 EXCLUDES = ["/.venv", "/.git", "/data", "/runs", "/mlruns", "/mlartifacts", "/mlflow.db",
             "/logs", "*.egg-info", "__pycache__"]
 # Seconds between `jobs stop`'s SIGTERM and its SIGKILL (RAY_JOB_STOP_WAIT_TIME_S).
@@ -180,20 +172,22 @@ class Jobs:
 
 def job_arguments(
     config: str, overrides: list[str], *, command: str = "train", local: bool = False,
-    root: Path = ROOT,
+    root: Path | None = None,
 ) -> tuple[list[str], Any]:
     """``[command, CONFIG, overrides...]`` for ``python -m metadist.cli`` on the cluster and
-    the config they make, checked here. CONFIG is relative to the working directory the
-    job runs in; on the local cluster relative paths in the config become absolute."""
-    if not Path(config).is_file() and (root / config).is_file():
-        config = str(root / config)  # configs/x.yaml from outside the checkout
+    the config they make, checked here. CONFIG is relative to ``root``, the directory
+    shipped as the job's working directory (default: the current one); on the local
+    cluster relative paths in the config become absolute."""
+    root = Path(root or Path.cwd()).resolve()
     path = resolve_config(config).resolve()
     try:  # first: where the file is decides whether the job can read it at all
         relative = path.relative_to(root)
     except ValueError:
         raise ClusterError(
-            f"config {path} is outside {root}, the directory shipped to the cluster: "
-            "put it under configs/"
+            f"config {path} is outside {root}, the directory shipped to the cluster as the "
+            "job's working directory (the current directory unless --working-dir says "
+            "otherwise): run submit from a directory that holds the config, or pass "
+            "--working-dir"
         ) from None
     loaded = load_config(path, overrides)  # ConfigError here, before anything is submitted
     # On the local cluster the filesystem is the same, but the job's working directory is
@@ -203,19 +197,55 @@ def job_arguments(
 
 
 def runtime_env(
-    *, env_vars: dict[str, str], pip: list[str] | None = None, root: Path = ROOT,
+    *, env_vars: dict[str, str], pip: list[str] | None = None, root: Path | None = None,
 ) -> dict[str, Any]:
-    env = {"working_dir": str(root), "excludes": EXCLUDES,
+    root = Path(root or Path.cwd()).resolve()
+    env = {"working_dir": str(root),
            # One intra-op thread unless asked: a driver or actor spinning threads on a
            # shared node slows everything (train workers set their own from the config).
            # `jobs stop` sends SIGTERM and, by Ray's default, SIGKILL 3 s later: too soon
            # for a run to finish its step and checkpoint it. The job's supervisor reads the
            # grace period from the job's own environment.
            "env_vars": {"OMP_NUM_THREADS": "1", "RAY_JOB_STOP_WAIT_TIME_S": STOP_GRACE_S,
-                        **env_vars}}
+                        **source_tags(), **env_vars}}
+    if PACKAGE.parent == root:  # a checkout of metadist: the job imports it from there
+        env["excludes"] = EXCLUDES
+    else:
+        env["py_modules"] = [str(PACKAGE)]
+        env["excludes"] = excludes_beside(PACKAGE, root)
     if pip:
         env["pip"] = pip
     return env
+
+
+def excludes_beside(package: Path, root: Path) -> list[str]:
+    """``EXCLUDES`` for a working directory shipped with ``package`` beside it. Ray
+    applies one list to both, each relative to its own top, so ``/data`` would also drop
+    ``metadist/data``: such a pattern becomes one per entry of the project's own folder."""
+    out = []
+    for pattern in EXCLUDES:
+        name = pattern.removeprefix("/")
+        if not pattern.startswith("/") or not (package / name).exists():
+            out.append(pattern)
+        elif (root / name).is_dir():
+            out += [f"/{name}/{_escaped(child.name)}" for child in sorted((root / name).iterdir())
+                    if not (package / name / child.name).exists()]
+    return out
+
+
+def _escaped(name: str) -> str:
+    # A file name as a literal gitignore pattern.
+    return "".join("\\" + c if c in "\\*?[]!#" else c for c in name)
+
+
+def source_tags() -> dict[str, str]:
+    """The commit of the metadist that is shipped and the files that differ from it, for
+    the job's run tags (the shipped copy has no git history of its own)."""
+    commit = git_commit(PACKAGE)
+    if commit == "unknown":
+        return {}
+    return {"METADIST_GIT_COMMIT": commit,
+            "METADIST_GIT_UNCOMMITTED": ", ".join(git_uncommitted(PACKAGE)) or "none"}
 
 
 def pinned_requirements() -> list[str]:
@@ -233,7 +263,7 @@ def pinned_requirements() -> list[str]:
 
 def submit(config: str, overrides: list[str], *, tune: bool = False,
            address: str | None = None, token_file: str | None = None,
-           working_dir: Path = ROOT, mlflow_uri: str | None = None,
+           working_dir: Path | None = None, mlflow_uri: str | None = None,
            env: list[str] = (), pip: bool = False, requirements: str | None = None,
            ) -> tuple[Jobs, str, str]:
     """Check ``config`` here, then submit it as a job; return the client, the job id and
@@ -246,7 +276,9 @@ def submit(config: str, overrides: list[str], *, tune: bool = False,
     address, local_cluster = resolve_address(address)
     local = local_cluster is not None
     command = "tune" if tune else "train"
-    root = Path(working_dir).resolve()
+    root = Path(working_dir or Path.cwd()).resolve()
+    if not root.is_dir():
+        raise ClusterError(f"--working-dir {root}: no such directory")
     argv, loaded = job_arguments(config, overrides, command=command, local=local,
                                  root=root)  # checked before anything goes over the network
     env_vars = {}
