@@ -17,7 +17,12 @@ from metadist.launch.jobs import (
     runtime_env,
     source_tags,
 )
-from metadist.runners.preflight import check_dataset, check_resources
+from metadist.runners.preflight import (
+    PROCESS_MEMORY_FLOOR,
+    check_dataset,
+    check_memory,
+    check_resources,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = {"CPU": 0.0, "memory": 1e9}
@@ -63,6 +68,40 @@ def test_episode_actors_count_towards_the_cpus(omniglot_small):
     with pytest.raises(ValueError, match=r"plus 2 CPU of episode actors .* = CPU 4"):
         check_resources(config, nodes(1.5, 1.5))
     check_resources(cfg("workers=2"), nodes(1, 1))  # sinusoid: no actors
+
+
+def test_more_processes_than_the_memory_holds_at_their_floor_are_refused(omniglot_small):
+    gib = 2**30
+    machine = [{"CPU": 65.0, "memory": 16 * gib}]  # the local Ray gets CPUs for any count
+    check_memory(cfg("workers=4"), machine)
+    with pytest.raises(ValueError) as err:
+        check_memory(cfg("workers=64"), machine)
+    assert str(err.value).startswith("workers=64 need at least 28.8 GiB")
+    assert "offer 16.0 GiB in all" in str(err.value) and "at most workers=35" in str(err.value)
+    # each worker's episode actors count too
+    images = cfg("workers=8", f"data.dataset={omniglot_small}", "ray.actors=2")
+    with pytest.raises(ValueError, match=r"workers=8 and their 16 episode actors \(ray.actors=2 "
+                       r"each\) need at least 10.8 GiB.* at most workers=4 could start"):
+        check_memory(images, [{"CPU": 65.0, "memory": 6 * gib}])
+    check_memory(cfg("workers=64"), nodes(64))  # nodes that do not say: not checked
+    assert 0.4 * gib <= PROCESS_MEMORY_FLOOR <= 0.5 * gib
+
+
+def test_ray_s_oom_killer_is_recognised_in_a_failed_run():
+    from ray.exceptions import OutOfMemoryError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from metadist.runners.ray_train import out_of_memory
+
+    oom = OutOfMemoryError("6 worker(s) were killed due to the node running low on memory")
+    assert out_of_memory(ControllerError(oom))
+    assert out_of_memory(WorkerGroupError("failed", {0: RuntimeError("x"), 1: oom}))
+    try:
+        raise RuntimeError("wrapped") from oom
+    except RuntimeError as chained:
+        assert out_of_memory(chained)
+    assert not out_of_memory(ControllerError(RuntimeError("no")))
+    assert not out_of_memory(WorkerGroupError("failed", {0: ValueError("nan")}))
 
 
 def test_the_check_can_be_turned_off_for_an_autoscaling_cluster(monkeypatch):

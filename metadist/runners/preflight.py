@@ -16,9 +16,11 @@ from metadist.config import Config
 
 
 def preflight(config: Config) -> None:
-    """Both checks; call after ``ray.init``."""
+    """The checks; call after ``ray.init``."""
     check_dataset(config)
-    check_resources(config)
+    nodes = alive_nodes()
+    check_resources(config, nodes)
+    check_memory(config, nodes)
 
 
 def check_dataset(config: Config) -> None:
@@ -83,6 +85,38 @@ def check_resources(config: Config, nodes: list[dict[str, float]] | None = None)
             f"{_fmt(actor_cpus)} CPU of episode actors (ray.actors={config.ray.actors} x "
             f"ray.actor_cpus={_fmt(config.ray.actor_cpus)} per worker) = CPU {_fmt(cpus)}; "
             f"{where}"
+        )
+
+
+# Private memory of the smallest process a run starts: a Ray Train worker (torch and Ray
+# alone, with the sinusoid MLP) holds 462 MiB of its own on the development machine
+# (/proc/PID/smaps_rollup, Private_Dirty). A floor, so the check below never refuses a
+# run that would fit; image workers and episode actors hold several times more.
+PROCESS_MEMORY_FLOOR = 0.45 * 2**30
+
+
+def check_memory(config: Config, nodes: list[dict[str, float]] | None = None) -> None:
+    """Raise ValueError when the run's processes cannot fit in the nodes' memory even at
+    their floor (Ray's ``memory`` resource, what is left beside the object store): the
+    run would otherwise start them all and have Ray's OOM killer end it."""
+    if os.environ.get("METADIST_SKIP_RESOURCE_CHECK") == "1":
+        return
+    if nodes is None:
+        nodes = alive_nodes()
+    if not nodes or any("memory" not in n for n in nodes):
+        return
+    actors = config.ray.actors if config.data.dataset != "sinusoid" else 0
+    processes = config.workers * (1 + actors)
+    need, have = processes * PROCESS_MEMORY_FLOOR, sum(n["memory"] for n in nodes)
+    if need > have:
+        most = int(have // (PROCESS_MEMORY_FLOOR * (1 + actors)))
+        who = (f"workers={config.workers} and their {processes - config.workers} episode "
+               f"actors (ray.actors={actors} each)" if actors else f"workers={config.workers}")
+        raise ValueError(
+            f"{who} need at least {need / 2**30:.1f} GiB, "
+            f"{PROCESS_MEMORY_FLOOR / 2**30:.2f} GiB each for torch and Ray alone, but the "
+            f"nodes offer {have / 2**30:.1f} GiB in all (Ray's memory resource): at most "
+            f"workers={most} could start"
         )
 
 

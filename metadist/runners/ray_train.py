@@ -117,6 +117,12 @@ def train_on_ray(
     with sigterm_passed_on(stop_flag):
         result = trainer.fit()
     if result.error is not None:
+        if out_of_memory(result.error):
+            raise ValueError(
+                f"the run's processes ran out of memory and Ray's OOM killer ended them "
+                f"(workers={config.workers}, ray.actors={config.ray.actors} each, "
+                f"algorithm.meta_batch_size={config.algorithm.meta_batch_size}); run fewer "
+                "workers or episode actors, a smaller meta-batch, or on larger nodes") from None
         raise result.error
     outcome = result.return_value
     if "diverged" in outcome:
@@ -249,6 +255,21 @@ def reporter(report_fn, checkpoint_cls=Checkpoint):
             report_fn(metrics, checkpoint=checkpoint_cls.from_directory(d))
 
     return report
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a Ray Train failure is Ray's OOM killer at work, anywhere in its chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ray.exceptions.OutOfMemoryError):
+            return True
+        failures = getattr(error, "worker_failures", None) or {}
+        if any(out_of_memory(e) for e in failures.values()):
+            return True
+        error = (getattr(error, "controller_failure", None) or error.__cause__
+                 or error.__context__)
+    return False
 
 
 def local_copy(checkpoint: Checkpoint, into: str | Path) -> str:
