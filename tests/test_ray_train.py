@@ -153,6 +153,9 @@ def test_a_diverging_run_on_ray_workers_fails_with_the_single_process_message(tm
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, err[-4000:]
     assert "metadist: error: the meta-training loss at step 1 is nan" in err, err[-4000:]
+    # No checkpoint was written: neither the run's directory nor Ray's record of it is left.
+    assert list((tmp_path / "runs").glob("*")) in ([], [tmp_path / "runs" / "ray"])
+    assert not list((tmp_path / "runs").glob("ray/*"))
 
 
 @pytest.fixture(scope="module")

@@ -172,8 +172,30 @@ def test_a_diverging_run_fails_loudly_and_reports_no_result(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the meta-training loss at step 1 is nan: the run diverged" in err
     assert "Traceback" not in err
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert not (run_dir / "result.json").exists()
+    # Nothing worth keeping was written (no checkpoint), so no run directory is left.
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_only_a_run_with_nothing_worth_keeping_is_discarded(tmp_path):
+    from metadist.training.loop import discard_unused_run
+
+    def run(*files: str) -> Path:
+        root = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        for name in files:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text("x")
+        return root
+
+    for files in [("config.yaml",), ("config.yaml", "workers/rank-0.pid", "workers/rank-1.pid"),
+                  (".validate_storage_marker",)]:
+        root = run(*files)
+        assert discard_unused_run(root) and not root.exists(), files
+    for files in [("config.yaml", "checkpoints/step-0000002.pt"), ("config.yaml", "notes.txt"),
+                  ("config.yaml", "workers/rank-0.pid/x"), ("result.json",),
+                  ("checkpoint_000000/checkpoint.pt", ".validate_storage_marker")]:
+        root = run(*files)
+        assert not discard_unused_run(root) and all((root / f).exists() for f in files), files
+    assert not discard_unused_run(tmp_path / "absent")
 
 
 def test_eval_refuses_no_episodes_and_a_non_finite_score(tmp_path, capsys):

@@ -36,7 +36,7 @@ from metadist.runners.preflight import preflight, run_cpus
 from metadist.runners.rendezvous import BoundRendezvous
 from metadist.tracking import tracked_run
 from metadist.training.checkpoint import load_checkpoint
-from metadist.training.loop import Hooks, train
+from metadist.training.loop import Hooks, discard_unused_run, train
 from metadist.training.runtime import NonFiniteError
 from metadist.training.signals import Stopped, sigterm_deferred
 from metadist.training.streams import training_preprocessing
@@ -84,6 +84,7 @@ def train_on_ray(
     init_ray(config)
     preflight(config)  # impossible resources or a missing dataset: fail now
     out = Path(config.train.output_dir).resolve()
+    owned = run_dir is None  # named here, so a failure here may remove it
     if run_dir is None:
         run_dir = out / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     run_dir = Path(run_dir).resolve()
@@ -114,6 +115,16 @@ def train_on_ray(
             callbacks=list(callbacks),
         ),
     )
+    try:
+        return outcome_of(trainer, stop_flag, config)
+    except BaseException:
+        if owned:  # a failure before the first checkpoint leaves nothing worth keeping
+            discard_unused_run(run_dir)
+            discard_unused_run(storage / run_dir.name)
+        raise
+
+
+def outcome_of(trainer: TorchTrainer, stop_flag, config: Config) -> dict[str, Any]:
     with sigterm_passed_on(stop_flag):
         result = trainer.fit()
     if result.error is not None:

@@ -14,6 +14,7 @@ MLflow.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -83,17 +84,26 @@ def train(
     step in flight with a checkpoint, reported like the periodic ones, and raises
     ``Stopped`` (exit status 143).
     """
-    cfg, hooks = config, hooks or Hooks()
     rank, world = rank_and_world()
-    tracker = tracker if tracker is not None and rank == 0 else NullTracker()
-    resume = resume or cfg.resume
+    files = RunFiles(run_dir or Path(config.train.output_dir)
+                     / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S-%f}", writes=rank == 0)
+    try:
+        return _train(config, files, tracker if rank == 0 else None, resume or config.resume,
+                      hooks or Hooks(), rank, world)
+    except BaseException:
+        if files.created:
+            discard_unused_run(files.root)
+        raise
+
+
+def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hooks: Hooks,
+           rank: int, world: int) -> dict[str, Any]:
+    tracker = tracker if tracker is not None else NullTracker()
     # -- set-up ---------------------------------------------------------------
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    files = RunFiles(run_dir or Path(cfg.train.output_dir)
-                     / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S-%f}", writes=rank == 0)
     files.write_config(cfg)
 
     # -- data, model, optimiser -----------------------------------------------
@@ -275,6 +285,7 @@ class RunFiles:
 
     def __init__(self, root: str | Path, *, writes: bool) -> None:
         self.root, self.writes = Path(root), writes
+        self.created = writes and not self.root.exists()  # only then may a failure remove it
         if writes:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -292,6 +303,27 @@ class RunFiles:
         if self.writes:
             (self.root / "result.json").write_text(json.dumps(result, indent=2))
             (self.root / "history.json").write_text(json.dumps(history))
+
+
+# What a run writes before it has anything worth keeping: its config copy, its workers'
+# pid files, and Ray's marker in its storage folder.
+RUN_SCAFFOLD = {"config.yaml", "workers", ".validate_storage_marker"}
+
+
+def discard_unused_run(root: Path) -> bool:
+    """Remove the directory of a run that failed before writing a checkpoint or a result,
+    so failed attempts do not pile up among the runs. A directory holding anything else
+    (a checkpoint to resume from, a file that is not the run's) is left as it is."""
+    if not root.is_dir():
+        return False
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).parts
+        if rel[0] not in RUN_SCAFFOLD or (
+                len(rel) > 1 and not (rel[0] == "workers" and len(rel) == 2
+                                      and rel[1].startswith("rank-") and path.is_file())):
+            return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
 
 
 def announce_stop(done: int, steps: int, path: Path | None, tracker, rank: int, *,
