@@ -25,6 +25,8 @@ class DataConfig:
     ways: int = 5
     shots: int = 1
     queries: int = 15
+    train_ways: int | None = None  # meta-training episodes' classes; None: ways (a head
+    # built per task, as protonet's, lets them differ: Snell et al. train 60-way)
     train_shots: int | None = None  # meta-training episodes' shots; None: shots
     train_queries: int | None = None  # meta-training episodes' queries; None: queries
     image_size: int | None = None  # None: the dataset manifest's recommendation
@@ -52,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "maml"  # maml | fomaml | anil | reptile
+    name: str = "maml"  # maml | fomaml | anil | reptile | protonet
     inner_lr: float = 0.4  # α
     inner_steps: int = 1  # K during meta-training
     test_inner_steps: int = 3  # K at validation and meta-test
@@ -68,6 +70,10 @@ class AlgorithmConfig:
     # The inner Adam's moments: "task" starts them at zero in every task; "carried" runs
     # them on from meta-batch to meta-batch and into evaluation (Nichol et al.'s Reptile).
     inner_state: str = "task"
+    # Each task's classifier head starts from: "learned" (meta-learned, data.ways classes),
+    # "prototypes" (Proto-MAML: the support set's class means, any number of classes) or
+    # "zero" (any number of classes); None: the algorithm's own (protonet: prototypes).
+    head_init: str | None = None
 
 
 @dataclass
@@ -316,6 +322,7 @@ def validate(config: Config) -> None:
     at_least = {  # a None value falls back to another key
         "data.ways": (config.data.ways, 1),
         "data.shots": (config.data.shots, 1),
+        "data.train_ways": (config.data.train_ways, 1),
         "data.train_shots": (config.data.train_shots, 1),
         "data.train_queries": (config.data.train_queries, 1),  # the training curves' scores
         "data.queries": (config.data.queries, 1),  # no query: nothing to score, a NaN result
@@ -365,6 +372,7 @@ def validate(config: Config) -> None:
         if not config.data.decode_cache:
             raise ConfigError(f"data.decode_cache_max_gb={cap} caps the decode cache, and "
                               "data.decode_cache is not set (name a node-local directory)")
+    _validate_heads(config)
     # The defaults alone (sinusoid data, the Conv4) do not make a run: say what is missing.
     # (An MLP on an image dataset is refused where the model is built, from the data.)
     if config.data.dataset == "sinusoid" and config.model.name != "mlp":
@@ -413,6 +421,24 @@ def _refuse_credentials(config: Config) -> None:
                 "cloud SDK's environment (AWS_ACCESS_KEY_ID, ...), for Ray its token file")
 
 
+def _validate_heads(config: Config) -> None:
+    """A head built per task needs classes; only such a head can change the ways."""
+    from metadist.algorithms.meta import MetaStep
+
+    step = MetaStep.from_config(config.algorithm)
+    if step.any_ways and config.data.dataset == "sinusoid":
+        what = ("algorithm.name='protonet'" if step.algorithm == "protonet"
+                else f"algorithm.head_init={step.head!r}")
+        raise ConfigError(f"{what} builds each task's head from its classes, and "
+                          "data.dataset='sinusoid' is regression: use a classification dataset")
+    ways = config.data.train_ways
+    if ways is not None and ways != config.data.ways and not step.any_ways:
+        raise ConfigError(
+            f"data.train_ways={ways} differs from data.ways={config.data.ways}, and "
+            f"algorithm.name={step.algorithm!r} meta-learns a head of data.ways outputs: "
+            "set algorithm.head_init=prototypes (Proto-MAML) or zero, or drop data.train_ways")
+
+
 def _validate_algorithm(algorithm: AlgorithmConfig) -> None:
     """The algorithm's rules live with the algorithm: its meta-training step and its
     meta-test step are built here once, and a value they refuse names its config key."""
@@ -425,11 +451,12 @@ def _validate_algorithm(algorithm: AlgorithmConfig) -> None:
             raise ConfigError(str(err)) from None
 
 
-def train_episode_shape(data: DataConfig) -> tuple[int, int]:
-    """(shots, queries) of meta-training episodes; validation and test use data.shots and
-    data.queries."""
+def train_episode_shape(data: DataConfig) -> tuple[int, int, int]:
+    """(ways, shots, queries) of meta-training episodes; validation and test use
+    data.ways, data.shots and data.queries."""
+    ways = data.ways if data.train_ways is None else data.train_ways
     shots = data.shots if data.train_shots is None else data.train_shots
-    return shots, data.queries if data.train_queries is None else data.train_queries
+    return ways, shots, data.queries if data.train_queries is None else data.train_queries
 
 
 def uses_ray(config: Config) -> bool:

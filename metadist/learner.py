@@ -7,7 +7,9 @@
 
 Images may be file paths, PIL images or arrays of any size; they are decoded, resized and
 normalised exactly as the training data was. Labels may be any hashable values (class
-names); there must be as many distinct labels as the model has ways. Batch norm uses
+names). A model whose head is built from each support set (prototypical networks,
+``algorithm.head_init`` prototypes or zero) takes tasks with any number of classes; one
+with a meta-learned head takes exactly as many as it was trained on. Batch norm uses
 each batch's own statistics, as in training (transductive): predict a task's queries
 together, not one image at a time.
 """
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from metadist.algorithms import MetaStep, adapt
+from metadist.algorithms.heads import task_head, ways_of
 from metadist.algorithms.inner_loop import Moments
 from metadist.algorithms.meta import StepError
 from metadist.data.episodes import Preprocessing
@@ -54,6 +57,9 @@ class Learner:
 
     @property
     def ways(self) -> int | None:
+        """The number of classes a task must have; None: any (or regression)."""
+        if self.preprocessing is None or self.step.any_ways:
+            return None
         return getattr(self.model, "ways", None)
 
     def inputs(self, items) -> Tensor:
@@ -84,11 +90,16 @@ class Learner:
             classes = list(dict.fromkeys(labels))
             if len(labels) != len(x):
                 raise ValueError(f"{len(x)} support images but {len(labels)} labels")
-            if len(classes) != self.ways:
+            if self.ways is not None and len(classes) != self.ways:
                 raise ValueError(
-                    f"the model was meta-trained for {self.ways}-way tasks; the support set "
-                    f"has {len(classes)} distinct labels"
+                    f"the model was meta-trained for {self.ways}-way tasks with a learned "
+                    f"head, and the support set has {len(classes)} distinct labels; a model "
+                    "trained with algorithm.head_init=prototypes (or zero), or a protonet, "
+                    "adapts to any number of classes"
                 )
+            if len(classes) < 2:
+                raise ValueError(f"the support set has {len(classes)} distinct label: a task "
+                                 "needs at least 2 classes")
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[label] for label in labels], device=self.device)
         # None keeps the meta-test's value; anything else is checked as a MetaStep's is.
@@ -161,6 +172,10 @@ def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y
     order = step.minibatches(len(x), seed, [0], x.device)
     params = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
+        params = task_head(model, params, x, y, ways_of(y) if step.any_ways else None,
+                           step.head)
+        if step.algorithm == "protonet":  # the prototypes are the whole adaptation
+            return {k: v.detach() for k, v in params.items()}
         adapted = adapt(model, params, x, y, first_order=True, keys=keys,
                         order=None if order is None else order[0], moments=moments,
                         **step.adapt_options())

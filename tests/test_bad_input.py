@@ -45,7 +45,7 @@ def assert_refused(code: int, output: str, *culprits: str) -> None:
 # -- train: config values (the run must not start: no run directory) ------------------------
 
 OVERRIDES = [
-    ("algorithm.name=protonet", "algorithm.name='protonet' is not one of"),
+    ("algorithm.name=mamal", "algorithm.name='mamal' is not one of"),
     ("algorithm.inner_lr=nan", "algorithm.inner_lr=nan must be a finite number > 0"),
     ("algorithm.inner_lr=inf", "algorithm.inner_lr=inf must be a finite number > 0"),
     ("algorithm.inner_lr=-0.1", "algorithm.inner_lr=-0.1 must be a finite number > 0"),
@@ -233,7 +233,7 @@ def spoiled(state: dict, case: str) -> object:
     elif case == "model-not-a-dict":
         state["model"] = "mlp"
     elif case == "bad-config":
-        state["config"] = {**state["config"], "algorithm": {"name": "protonet"}}
+        state["config"] = {**state["config"], "algorithm": {"name": "mamal"}}
     elif case == "config-resolver":
         state["config"] = {**state["config"], "tracking": {"run_name": "${oc.env:HOME}"}}
     elif case == "nan-params":
@@ -252,7 +252,7 @@ CHECKPOINTS = {
     "missing-param": "parameters do not match", "params-not-a-dict": "parameters must be",
     "huge-model": "parameters, more than", "unknown-model": "model spec",
     "bogus-model-kwargs": "unexpected keyword argument 'bogus'",
-    "model-not-a-dict": "model spec 'mlp'", "bad-config": "algorithm.name='protonet'",
+    "model-not-a-dict": "model spec 'mlp'", "bad-config": "algorithm.name='mamal'",
     "config-resolver": "tracking.run_name uses a resolver",
     "nan-params": "the mse over 5 episodes is nan", "not-a-dict": "not a metadist checkpoint",
     "wrong-format": "not a metadist checkpoint",
@@ -541,8 +541,8 @@ def test_learner_load_refuses_what_is_not_a_checkpoint(what, tmp_path):
     (["submit", "/nonexistent.yaml", "--address", "http://127.0.0.1:1"], "/nonexistent.yaml"),
     (["submit", SINUSOID, "--address", "http://127.0.0.1:1", "--working-dir", "/nonexistent"],
      "--working-dir /nonexistent: no such directory"),
-    (["submit", SINUSOID, "--address", "http://127.0.0.1:1", "--working-dir", "/tmp"],
-     f"config {SINUSOID} is outside /tmp, the directory shipped"),
+    (["submit", SINUSOID, "--address", "http://127.0.0.1:1", "--working-dir", "/usr/share"],
+     f"config {SINUSOID} is outside /usr/share, the directory shipped"),
     (["jobs", "--address", "http://127.0.0.1:1", "--token-file", "/nonexistent-token",
       "list"], "/nonexistent-token"),
     (["jobs", "--address", "http://127.0.0.1:1", "list"], "http://127.0.0.1:1"),

@@ -25,7 +25,7 @@ def test_overrides_are_typed_and_win_over_the_file():
     [
         ("algorithm.inner_lr=fast", "algorithm.inner_lr"),
         ("algorithm.nope=1", "nope"),
-        ("algorithm.name=protonet", "algorithm.name='protonet'"),
+        ("algorithm.name=mamal", "algorithm.name='mamal'"),
         ("data.ways=0", "data.ways=0"),
         ("train.steps", "key=value"),
         ("data.train_shots=0", "data.train_shots=0 must be >= 1"),

@@ -169,6 +169,9 @@ def test_a_project_elsewhere_is_shipped_with_the_metadist_that_submits_it(
     (project / "configs").mkdir(parents=True)
     (project / "configs" / "mine.yaml").write_text((ROOT / SINUSOID).read_text())
     monkeypatch.chdir(project)
+    # The default store, ./mlflow.db of the project (mlflow.set_tracking_uri in an earlier
+    # test of this process exports its URI).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rc = main(["submit", "configs/mine.yaml", "train.steps=10", *TINY,
                "train.output_dir=runs"])
     out, err = capsys.readouterr()

@@ -127,7 +127,8 @@ def test_any_image_size_and_type(checkpoint, tmp_path):
 def test_bad_input_is_named(checkpoint, tmp_path):
     learner = Learner.load(checkpoint)
     images = [np.zeros((28, 28), dtype=np.uint8)] * 5
-    with pytest.raises(ValueError, match="5-way tasks; the support set has 3 distinct labels"):
+    with pytest.raises(ValueError, match="5-way tasks with a learned head, and the support "
+                       "set has 3 distinct labels"):
         learner.adapt(images, ["a", "b", "c", "a", "b"])
     with pytest.raises(ValueError, match="5 support images but 4 labels"):
         learner.adapt(images, ["a", "b", "c", "d"])

@@ -244,8 +244,8 @@ def test_adapted_scores_are_the_same_on_both_paths():
 
 
 def test_unknown_algorithm_is_rejected():
-    with pytest.raises(ValueError, match="algorithm='protonet' is not one of"):
-        MetaStep("protonet")
+    with pytest.raises(ValueError, match="algorithm='mamal' is not one of"):
+        MetaStep("mamal")
 
 
 def test_minibatch_order_passes_over_every_row_in_fresh_orders():

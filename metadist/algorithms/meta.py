@@ -1,4 +1,5 @@
-"""Meta-gradients of MAML, first-order MAML, ANIL and Reptile over a meta-batch.
+"""Meta-gradients of MAML, first-order MAML, ANIL, Reptile and prototypical networks over a
+meta-batch.
 
 Every function returns sums over the meta-batch's tasks, never means: a worker that holds
 a share of the batch contributes its sum, the sums are all-reduced, and the result is
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metadist.algorithms.heads import HEAD_INITS, task_head, ways_of
 from metadist.algorithms.inner_loop import (
     Model,
     Moments,
@@ -33,7 +35,7 @@ from metadist.algorithms.inner_loop import (
     output_loss,
 )
 
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile")
+ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonet")
 
 
 class StepError(ValueError):
@@ -56,6 +58,9 @@ class MetaStep:
     inner_optimizer: str = "sgd"  # sgd | adam (first order only)
     inner_betas: tuple[float, float] = (0.0, 0.999)  # Adam's; β1 = 0 as in Nichol et al.
     inner_state: str = "task"  # Adam's moments: "task" (zero per task) | "carried"
+    # Where each task's classifier head starts: None: the algorithm's own (protonet:
+    # "prototypes", the others: "learned"); see ``metadist.algorithms.heads``.
+    head_init: str | None = None
 
     def __post_init__(self) -> None:
         # The one home of these rules: a config's algorithm section is checked by building
@@ -87,6 +92,18 @@ class MetaStep:
             raise bad("inner_state", "carried",
                       "carries the inner Adam's moments and needs inner_optimizer 'adam' "
                       f"(inner_optimizer {self.inner_optimizer!r} has none)")
+        if self.head_init is not None and self.head_init not in HEAD_INITS:
+            raise choice("head_init", self.head_init, HEAD_INITS)
+        if self.algorithm == "protonet" and self.head != "prototypes":
+            raise bad("head_init", self.head_init,
+                      "does not apply: a prototypical network's head is its prototypes")
+        if self.head != "learned" and self.algorithm == "reptile":
+            raise bad("head_init", self.head_init,
+                      "needs a learned head with reptile, whose meta-gradient is θ - φ for "
+                      "every parameter, the head's included")
+        if self.head != "learned" and self.inner_state == "carried":
+            raise bad("inner_state", "carried", f"carries the inner Adam's moments from task "
+                      f"to task, and head_init {self.head!r} gives every task a head of its own")
         betas = list(self.inner_betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise bad("inner_betas", betas, "must be two values in [0, 1)")
@@ -107,9 +124,9 @@ class MetaStep:
                     keys["inner_batch"] = "test_inner_batch"
                 batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
                 return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
-                           a.inner_optimizer, tuple(a.inner_betas), a.inner_state)
+                           a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init)
             return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
-                       a.inner_optimizer, tuple(a.inner_betas), a.inner_state)
+                       a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init)
         except StepError as err:
             raise ValueError(f"algorithm.{keys.get(err.field, err.field)}{err.detail}") from None
 
@@ -135,9 +152,23 @@ class MetaStep:
 
     @property
     def is_first_order(self) -> bool:
+        if self.algorithm == "protonet":
+            return True  # no inner loop: there is no second order to take
         if self.first_order is not None:
             return self.first_order
         return self.algorithm in ("fomaml", "reptile")
+
+    @property
+    def head(self) -> str:
+        """Where each task's head starts (``head_init`` resolved)."""
+        if self.head_init is not None:
+            return self.head_init
+        return "prototypes" if self.algorithm == "protonet" else "learned"
+
+    @property
+    def any_ways(self) -> bool:
+        """Whether a task may have any number of classes (its head is built per task)."""
+        return self.head != "learned"
 
 
 @dataclass
@@ -207,10 +238,22 @@ def _task_outcome(
     first_order: bool,
     order: Tensor | None = None,
     moments: Moments | None = None,
+    ways: int | None = None,
 ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
     """Adapt on the support set, starting Adam from ``moments`` (None: zero); return
-    (query loss, query accuracy, adapted params, Adam's end moments)."""
-    if step.algorithm == "anil":
+    (query loss, query accuracy, adapted params, Adam's end moments). ``ways``: the task's
+    classes, where its head is built from the support set."""
+    params = task_head(model, params, sx, sy, ways, step.head, impl)
+    if step.any_ways:
+        # The inner loop starts from the task's head as from a value: its gradient for a
+        # body parameter is the partial one. Plain autograd would also follow the head
+        # back into the body (it is computed from it); torch.func.grad takes each
+        # parameter as an input of its own, and the outer gradient still flows through.
+        functional = True
+    if step.algorithm == "protonet":  # the prototypes are the whole adaptation
+        adapted, end = params, {}
+        out = model(params, qx, impl)
+    elif step.algorithm == "anil":
         head_keys = list(model.head_keys)
         head = _Head(model)
         s_feat = model.features(params, sx, impl)
@@ -352,6 +395,7 @@ def _run_tasks(
     [T, ...]) for a slice of tasks, each starting Adam from ``moments``."""
     first_order = step.is_first_order or not outer_graph
     impl = "matmul" if inner_loop == "vmap" and not first_order else "native"
+    ways = ways_of(sy) if step.any_ways and sy.numel() else None
     if not outer_graph:
         params = {k: v.detach() for k, v in params.items()}
     if inner_loop == "loop":
@@ -360,7 +404,7 @@ def _run_tasks(
             for t in range(sx.shape[0]):
                 loss, acc, adapted, end = _task_outcome(
                     model, params, sx[t], sy[t], qx[t], qy[t], step, impl, False, first_order,
-                    None if order is None else order[t], moments,
+                    None if order is None else order[t], moments, ways,
                 )
                 if not outer_graph:
                     loss, acc = loss.detach(), acc.detach()
@@ -378,7 +422,7 @@ def _run_tasks(
     def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, order: Tensor | None
                  ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
         return _task_outcome(model, params, sx, sy, qx, qy, step, impl, True, first_order,
-                             order, moments)
+                             order, moments, ways)
 
     grad_mode: Callable = torch.enable_grad if outer_graph else torch.no_grad
     in_dims = (0, 0, 0, 0, None if order is None else 0)

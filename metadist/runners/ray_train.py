@@ -299,9 +299,9 @@ def local_copy(checkpoint: Checkpoint, into: str | Path) -> str:
 def open_pipeline(cfg: Config, *, start_step: int, rank: int, world_size: int):
     # A local path or a URI (s3://bucket/omniglot): pathlib would turn s3:// into s3:/.
     split_dir = Location.of(cfg.data.dataset) / cfg.data.train_split
-    shots, queries = train_episode_shape(cfg.data)
+    ways, shots, queries = train_episode_shape(cfg.data)
     return EpisodePipeline(
-        split_dir, ways=cfg.data.ways, shots=shots, queries=queries,
+        split_dir, ways=ways, shots=shots, queries=queries,
         seed=cfg.train.seed, preprocessing=training_preprocessing(cfg.data),
         meta_batch_size=cfg.algorithm.meta_batch_size, num_actors=cfg.ray.actors,
         actor_cpus=cfg.ray.actor_cpus, prefetch=cfg.ray.prefetch, start_step=start_step,

@@ -29,10 +29,11 @@ class Streams:
 def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Streams:
     """Training episodes follow ``train_seed`` (and ``data.train_shots``/``train_queries``
     where set); validation and test follow ``eval_seed``."""
-    shape = {"train": train_episode_shape(data), "eval": (data.shots, data.queries)}
+    shape = {"train": train_episode_shape(data),
+             "eval": (data.ways, data.shots, data.queries)}
     if data.dataset == "sinusoid":
         def tasks(seed: int, stream: str) -> SinusoidTasks:
-            shots, queries = shape["train" if stream == "train" else "eval"]
+            _, shots, queries = shape["train" if stream == "train" else "eval"]
             return SinusoidTasks(shots=shots, queries=queries, seed=seed, stream=stream)
 
         return Streams(
@@ -51,9 +52,9 @@ def open_streams(data: DataConfig, *, train_seed: int, eval_seed: int) -> Stream
         store = ClassStore(root / split, image_size=pre.image_size, channels=pre.channels,
                            decode_cache=data.decode_cache,
                            decode_cache_max_gb=data.decode_cache_max_gb)
-        shots, queries = shape[stream]
+        ways, shots, queries = shape[stream]
         return EpisodeSampler(
-            store, ways=data.ways, shots=shots, queries=queries, seed=seed, preprocessing=pre,
+            store, ways=ways, shots=shots, queries=queries, seed=seed, preprocessing=pre,
         )
 
     return Streams(
