@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int,
                    help="query examples per class in each test episode (default: the "
                         "config's data.queries)")
+    p.add_argument("--ways", type=int, help="classes per test episode (default: the config's "
+                   "data.ways; another count needs a head built per task: protonet, "
+                   "algorithm.head_init)")
+    p.add_argument("--shots", type=int, help="support examples per class (default: the "
+                   "config's data.shots)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="convert datasets to metadist's Parquet episode store")
@@ -165,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, episodes=args.episodes, split=args.split, dataset=args.dataset,
-        inner_steps=args.inner_steps, queries=args.queries,
+        inner_steps=args.inner_steps, queries=args.queries, ways=args.ways, shots=args.shots,
     )
     print_result(result)
     return 0

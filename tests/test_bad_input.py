@@ -300,6 +300,9 @@ def test_eval_refuses_a_file_that_is_not_a_checkpoint(what, content, tmp_path, c
     (["--episodes", "-5"], "episodes must be an integer >= 1, got -5"),
     (["--queries", "0"], "queries must be an integer >= 1"),
     (["--queries", "-2"], "queries must be an integer >= 1"),
+    (["--ways", "1"], "ways must be an integer >= 2"),
+    (["--shots", "0"], "shots must be an integer >= 1"),
+    (["--ways", "3"], "ways=3: "),  # a regression model: no classes
     (["--inner-steps", "0"], "algorithm.test_inner_steps=0 must be >= 1"),
     (["--dataset", "/nonexistent/data"], "/nonexistent/data"),
 ])

@@ -21,6 +21,7 @@ from metadist.config import ConfigError, load_config
 from metadist.data import ClassStore, EpisodeSampler
 from metadist.data.episodes import MetaBatch
 from metadist.training.checkpoint import load_checkpoint
+from metadist.training.evaluate import evaluate_checkpoint
 from metadist.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +194,9 @@ def test_a_5_way_protonet_adapts_to_20_way_tasks_of_real_characters(tmp_path, om
     initial = Learner(learner.model, learner.model.init_params(torch.Generator().manual_seed(0)),
                       learner.preprocessing, learner.step, learner.device)
     trained, untrained = accuracy(learner), accuracy(initial)
+    # `metadist eval --ways 20` meta-tests the 5-way model on 20-way episodes.
+    twenty = evaluate_checkpoint(result["checkpoint"], ways=20, episodes=10)
+    assert (twenty["ways"], twenty["episodes"]) == (20, 10) and twenty["mean"] > 0.5
     print(f"20-way accuracy of a 5-way protonet: {trained:.3f} ({untrained:.3f} untrained)")
     # Chance is 0.05; the prototypes of random features already sort some characters.
     # Meta-training must add to that by a margin a broken head could not.
@@ -204,9 +208,12 @@ def test_a_model_with_a_learned_head_says_it_cannot_take_other_ways(tmp_path, om
         f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path}", "train.steps=1",
         "algorithm.meta_batch_size=1", "train.val_every=0", "eval.episodes=2",
         "train.progress=false", "tracking.enabled=false", "train.inner_loop=loop"])
-    learner = Learner.load(train(config)["checkpoint"])
+    learner_path = train(config)["checkpoint"]
+    learner = Learner.load(learner_path)
     assert learner.ways == 5
     images = [np.zeros((28, 28), np.uint8)] * 3
     with pytest.raises(ValueError, match="meta-trained for 5-way tasks with a learned head, "
                        "and the support set has 3 distinct labels; .*head_init=prototypes"):
         learner.adapt(images, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="ways=20: .* has a meta-learned head of 5 classes"):
+        evaluate_checkpoint(learner_path, ways=20, episodes=2)

@@ -131,6 +131,8 @@ def evaluate_checkpoint(
     dataset: str | None = None,
     inner_steps: int | None = None,
     queries: int | None = None,
+    ways: int | None = None,
+    shots: int | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Meta-test a saved model under the protocol of the config it was trained with.
@@ -138,6 +140,8 @@ def evaluate_checkpoint(
     ``queries`` (per class) replaces the config's ``data.queries`` in the test episodes:
     papers differ here (Finn et al.'s code tests on as many queries as shots, Nichol et
     al.'s on one), and with batch statistics taken from the queries it moves the score.
+    ``ways`` and ``shots`` replace ``data.ways`` and ``data.shots``; other ways need a
+    model whose head is built per task.
     """
     dev = resolve_device(device)
     trained = load_trained(checkpoint, dev)
@@ -146,10 +150,22 @@ def evaluate_checkpoint(
         cfg.data.dataset = dataset
     if split is not None:
         cfg.data.test_split = split
-    if queries is not None:
-        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
-            raise ValueError(f"queries must be an integer >= 1 (per class), got {queries!r}")
-        cfg.data.queries = queries
+    for name, value, low in (("queries", queries, 1), ("ways", ways, 2), ("shots", shots, 1)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        setattr(cfg.data, name, value)
+    learned = getattr(trained.model, "ways", None)
+    if ways is not None and learned is None:
+        raise ValueError(f"ways={ways}: {checkpoint} is a regression model, which has no "
+                         "classes")
+    if ways is not None and ways != learned and \
+            not MetaStep.from_config(cfg.algorithm, test=True).any_ways:
+        raise ValueError(
+            f"ways={ways}: {checkpoint} has a meta-learned head of {learned} "
+            "classes; a model trained with algorithm.head_init=prototypes (or zero), or a "
+            "protonet, takes any number")
     episodes = cfg.eval.episodes if episodes is None else episodes
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
