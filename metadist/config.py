@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "maml"  # maml | fomaml | anil | reptile | protonet
+    name: str = "maml"  # maml | fomaml | anil | reptile | metasgd | protonet
     inner_lr: float = 0.4  # α
     inner_steps: int = 1  # K during meta-training
     test_inner_steps: int = 3  # K at validation and meta-test

@@ -102,6 +102,9 @@ class Learner:
                                  "needs at least 2 classes")
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[label] for label in labels], device=self.device)
+        if lr is not None and self.step.algorithm == "metasgd":
+            raise ValueError(f"lr={lr}: a Meta-SGD model adapts at the rates it learned, one "
+                             "per parameter entry")
         # None keeps the meta-test's value; anything else is checked as a MetaStep's is.
         try:
             step = replace(self.step, inner_lr=self.step.inner_lr if lr is None else lr,
@@ -176,9 +179,9 @@ def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y
                            step.head)
         if step.algorithm == "protonet":  # the prototypes are the whole adaptation
             return {k: v.detach() for k, v in params.items()}
-        adapted = adapt(model, params, x, y, first_order=True, keys=keys,
-                        order=None if order is None else order[0], moments=moments,
-                        **step.adapt_options())
+        options = {"keys": keys, **step.adapt_options(params)}
+        adapted = adapt(model, params, x, y, first_order=True,
+                        order=None if order is None else order[0], moments=moments, **options)
     return {k: v.detach() for k, v in adapted.items()}
 
 

@@ -250,10 +250,13 @@ class MLflowTracker:
     def log_result(self, result: dict[str, Any], history: list[dict[str, float]]) -> None:
         run_dir = Path(result["run_dir"])
         plot = plot_curves(history, run_dir / "curves.png", title=self.config.name)
+        rates = plot_learned_rates(history, run_dir / "learned_rates.png",
+                                   title=self.config.name)
         for name in ("config.yaml", "result.json", "history.json"):
             self.log_artifact(run_dir / name)
-        if plot is not None:
-            self.log_artifact(plot)
+        for path in (plot, rates):
+            if path is not None:
+                self.log_artifact(path)
         self.log_artifact(result["checkpoint"], "checkpoints")
 
     def log_stop(self, step: int, checkpoint: Path) -> None:
@@ -379,6 +382,32 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") ->
                          ms=3, label=label)
     axes[1].set_xlabel("meta-step")
     axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_learned_rates(history: list[dict[str, float]], path: Path,
+                       title: str = "") -> Path | None:
+    """Meta-SGD's mean learned inner rate of each parameter over the meta-steps (the
+    ``inner_lr/NAME`` entries of the history); None when the run learned none."""
+    keys = sorted({k for h in history for k in h if k.startswith("inner_lr/")})
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot(*zip(*points), lw=0.8, label=key.removeprefix("inner_lr/"))
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("mean learned inner rate")
+    ax.legend(fontsize=6, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -35,6 +35,11 @@ CASES = {
                 "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5",
                 "algorithm.inner_steps=3", "algorithm.meta_batch_size=5", "train.steps=8",
                 "eval.episodes=20"],
+    # Meta-SGD: the learned rates are parameters too, all-reduced with the rest.
+    "metasgd": ["configs/sinusoid_maml.yaml", "algorithm.name=metasgd",
+                "algorithm.inner_lr=0.01", "algorithm.outer_optimizer=sgd",
+                "algorithm.outer_lr=0.01", "algorithm.meta_batch_size=5", "train.steps=8",
+                "eval.episodes=20"],
     # Nichol et al.'s inner Adam, its state carried on: the workers all-reduce it too.
     "reptile-carried": ["configs/sinusoid_maml.yaml", "algorithm.name=reptile",
                         "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.5",
@@ -72,11 +77,15 @@ def test_two_workers_end_with_the_parameters_of_one(algorithm, tmp_path, omniglo
 
 
 def load_initial(state: dict, key: str) -> torch.Tensor:
+    from metadist.algorithms import with_learned_rates
     from metadist.models import model_from_spec
 
     model = model_from_spec(state["model"])
     seed = state["config"]["train"]["seed"]
-    return model.init_params(torch.Generator().manual_seed(seed))[key]
+    params = model.init_params(torch.Generator().manual_seed(seed))
+    if state["config"]["algorithm"]["name"] == "metasgd":
+        params = with_learned_rates(params, state["config"]["algorithm"]["inner_lr"])
+    return params[key]
 
 
 def test_a_worker_frees_its_process_group_before_the_interpreter_exits(tmp_path):

@@ -14,8 +14,8 @@ from metadist.launch import reproduce
 def test_every_row_loads_under_both_budgets():
     tables = reproduce.load_rows()
     assert set(tables) == {"omniglot", "miniimagenet"}
-    # Omniglot: 2 splits x {5,20}-way x {1,5}-shot x 4 algorithms; miniImageNet: 1 x 2 x 4.
-    assert len(tables["omniglot"]) == 32 and len(tables["miniimagenet"]) == 8
+    # Omniglot: 2 splits x {5,20}-way x {1,5}-shot x 5 algorithms; miniImageNet: 1 x 2 x 5.
+    assert len(tables["omniglot"]) == 40 and len(tables["miniimagenet"]) == 10
     for row in tables["omniglot"] + tables["miniimagenet"]:
         for budget in reproduce.BUDGETS:
             config = reproduce.row_config(row, budget)
@@ -25,9 +25,9 @@ def test_every_row_loads_under_both_budgets():
             assert config.data.dataset == row.dataset
         assert reproduce.row_config(row, "full").train.steps >= 60000
         # Finn et al.'s code tests on as many queries as shots, Nichol et al.'s on one;
-        # Snell et al.'s protocol is ours (no second column).
+        # Snell et al.'s and Li et al.'s are not compared (no second column).
         shots = reproduce.row_config(row, "cpu").data.shots
-        expected = {"reptile": 1, "protonet": None}.get(row.algorithm, shots)
+        expected = {"reptile": 1, "protonet": None, "metasgd": None}.get(row.algorithm, shots)
         assert reproduce.paper_queries(row, shots) == expected
 
 
@@ -44,6 +44,7 @@ def test_paper_targets_are_the_published_ones():
     assert rows["omniglot-1200-423-20w5s-reptile"].paper_non_transductive == 96.65
     assert rows["miniimagenet-ravi-larochelle-5w5s-fomaml"].paper == 63.15
     assert rows["omniglot-1200-423-20w1s-protonet"].paper == 96.0
+    assert rows["omniglot-1200-423-20w1s-metasgd"].paper == 95.93
     assert rows["miniimagenet-ravi-larochelle-5w1s-protonet"].paper == 49.42
     # The papers report the 1200/423 split only; the alphabet split has no paper figure.
     assert rows["omniglot-background-evaluation-5w1s-maml"].paper is None

@@ -6,8 +6,11 @@ from metadist.algorithms.meta import (
     CarriedMoments,
     MetaStep,
     adapted_scores,
+    learned_rate_means,
     meta_gradient,
+    model_keys,
+    with_learned_rates,
 )
 
 __all__ = ["ALGORITHMS", "CarriedMoments", "MetaStep", "adapt", "adapted_scores", "meta_gradient",
-           "task_loss"]
+           "learned_rate_means", "model_keys", "task_loss", "with_learned_rates"]

@@ -61,12 +61,15 @@ def adapt_with_moments(
     optimizer: str = "sgd",
     betas: tuple[float, float] = (0.0, 0.999),
     moments: Moments | None = None,
+    rates: Params | None = None,
 ) -> tuple[Params, Moments]:
     """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
     ``lr`` on (x, y), and Adam's state after the last step (SGD: no moments). ``keys``
     limits which parameters adapt (ANIL adapts the head only). ``order`` ([steps, batch]
     row indices, see ``minibatch_order``) gives each step's minibatch; None: every step
-    uses all of (x, y). ``moments``: Adam's state to start from; None: zero."""
+    uses all of (x, y). ``moments``: Adam's state to start from; None: zero. ``rates``:
+    a learning rate per entry of each adapted parameter, in place of ``lr`` (Meta-SGD);
+    the outer gradient reaches them through the update."""
     keys = list(params) if keys is None else list(keys)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -78,7 +81,8 @@ def adapt_with_moments(
         grads = _grads(model, params, xs, ys, keys, first_order, impl, functional)
         if optimizer == "adam":
             grads = _adam_directions(grads, state, taken + t + 1, betas)
-        params = {**params, **{k: params[k] - lr * grads[k] for k in keys}}
+        params = {**params, **{k: params[k] - (lr if rates is None else rates[k]) * grads[k]
+                               for k in keys}}
     return params, (taken + steps if optimizer == "adam" else taken, state)
 
 

@@ -1,5 +1,5 @@
-"""Meta-gradients of MAML, first-order MAML, ANIL, Reptile and prototypical networks over a
-meta-batch.
+"""Meta-gradients of MAML, first-order MAML, ANIL, Reptile, Meta-SGD and prototypical
+networks over a meta-batch.
 
 Every function returns sums over the meta-batch's tasks, never means: a worker that holds
 a share of the batch contributes its sum, the sums are all-reduced, and the result is
@@ -35,7 +35,29 @@ from metadist.algorithms.inner_loop import (
     output_loss,
 )
 
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonet")
+ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "metasgd", "protonet")
+# Meta-SGD's learned inner learning rates live in the parameters, one tensor per model
+# parameter, under this prefix: they are meta-trained, all-reduced, checkpointed and
+# restored with the rest.
+RATE_PREFIX = "lr."
+
+
+def with_learned_rates(params: Params, inner_lr: float) -> Params:
+    """``params`` and a learning rate per entry of each (Meta-SGD, Li et al. 2017), all
+    starting at ``inner_lr``."""
+    return {**params, **{RATE_PREFIX + k: torch.full_like(v, inner_lr)
+                         for k, v in params.items()}}
+
+
+def learned_rate_means(params: Params) -> dict[str, float]:
+    """Each parameter's mean learned rate, ``inner_lr/NAME`` (Meta-SGD; else empty)."""
+    return {f"inner_lr/{k[len(RATE_PREFIX):]}": v.detach().mean().item()
+            for k, v in params.items() if k.startswith(RATE_PREFIX)}
+
+
+def model_keys(params: Params) -> list[str]:
+    """The model's own parameters: ``params`` less any learned rates."""
+    return [k for k in params if not k.startswith(RATE_PREFIX)]
 
 
 class StepError(ValueError):
@@ -81,6 +103,9 @@ class MetaStep:
             raise bad("inner_batch", self.inner_batch, "must be >= 0")
         if self.inner_optimizer not in ("sgd", "adam"):
             raise choice("inner_optimizer", self.inner_optimizer, ("sgd", "adam"))
+        if self.algorithm == "metasgd" and self.inner_optimizer != "sgd":
+            raise bad("inner_optimizer", self.inner_optimizer,
+                      "does not apply: Meta-SGD's inner step is SGD at its learned rates")
         if self.inner_optimizer == "adam" and not self.is_first_order:
             # Differentiating through Adam's √v̂ is undefined where a gradient is 0.
             raise bad("inner_optimizer", "adam",
@@ -101,6 +126,10 @@ class MetaStep:
             raise bad("head_init", self.head_init,
                       "needs a learned head with reptile, whose meta-gradient is θ - φ for "
                       "every parameter, the head's included")
+        if self.head != "learned" and self.algorithm == "metasgd":
+            raise bad("head_init", self.head_init,
+                      "needs a learned head with metasgd, which learns a rate for every entry "
+                      "of the head")
         if self.head != "learned" and self.inner_state == "carried":
             raise bad("inner_state", "carried", f"carries the inner Adam's moments from task "
                       f"to task, and head_init {self.head!r} gives every task a head of its own")
@@ -145,10 +174,15 @@ class MetaStep:
                                device=device)
         return torch.stack(orders).to(device)
 
-    def adapt_options(self) -> dict:
-        """``adapt``'s keyword arguments for this step's inner loop (less ``order``)."""
-        return {"lr": self.inner_lr, "steps": self.inner_steps,
-                "optimizer": self.inner_optimizer, "betas": self.inner_betas}
+    def adapt_options(self, params: Params | None = None) -> dict:
+        """``adapt``'s keyword arguments for this step's inner loop (less ``order``):
+        with ``params``, Meta-SGD's learned rates among them and the keys they adapt."""
+        options = {"lr": self.inner_lr, "steps": self.inner_steps,
+                   "optimizer": self.inner_optimizer, "betas": self.inner_betas}
+        if self.algorithm == "metasgd" and params is not None:
+            keys = model_keys(params)
+            options.update(keys=keys, rates={k: params[RATE_PREFIX + k] for k in keys})
+        return options
 
     @property
     def is_first_order(self) -> bool:
@@ -267,7 +301,8 @@ def _task_outcome(
     else:
         adapted, (_, end) = adapt_with_moments(
             model, params, sx, sy, first_order=first_order, impl=impl,
-            functional=functional, order=order, moments=moments, **step.adapt_options(),
+            functional=functional, order=order, moments=moments,
+            **step.adapt_options(params),
         )
         out = model(adapted, qx, impl)
     loss = output_loss(out, qy)

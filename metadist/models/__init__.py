@@ -72,13 +72,18 @@ def param_shapes(model: Conv4 | MLP) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in model.init_params().items()}
 
 
-def check_params(model: Conv4 | MLP, params: Any, where: str) -> None:
+def check_params(model: Conv4 | MLP, params: Any, where: str, *,
+                 learned_rates: bool = False) -> None:
     """Parameters loaded from a file must be exactly the model's: the same names and shapes,
-    and floating point. (Non-finite values surface as a non-finite score.)"""
+    and floating point. (Non-finite values surface as a non-finite score.)
+    ``learned_rates``: a learning rate of the same shape beside each, named ``lr.NAME``
+    (Meta-SGD)."""
     if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor)
                                                for v in params.values()):
         raise ValueError(f"{where}: parameters must be a mapping of names to tensors")
     expected = param_shapes(model)
+    if learned_rates:
+        expected = {**expected, **{f"lr.{k}": shape for k, shape in expected.items()}}
     got = {k: tuple(v.shape) for k, v in params.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))

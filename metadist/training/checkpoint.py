@@ -87,7 +87,9 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu",
             model = model_from_spec(state["model"])
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    check_params(model, state["params"], str(path))
+    # Meta-SGD's learned rates: one beside each of the model's parameters.
+    rates = config.algorithm.name == "metasgd"
+    check_params(model, state["params"], str(path), learned_rates=rates)
     params = {k: v.to(device) for k, v in state["params"].items()}
     return Trained(str(path), state, config, model, params)
 

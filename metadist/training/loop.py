@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from metadist.algorithms import CarriedMoments, MetaStep, meta_gradient
+from metadist.algorithms import (
+    CarriedMoments,
+    MetaStep,
+    learned_rate_means,
+    meta_gradient,
+    with_learned_rates,
+)
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
 from metadist.models import build_model, model_spec
@@ -110,14 +116,16 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)
     model = build_model(cfg.model, ways=cfg.data.ways, in_channels=streams.in_channels,
                         image_size=streams.image_size)
+    meta_step = MetaStep.from_config(cfg.algorithm)
+    test_step = MetaStep.from_config(cfg.algorithm, test=True)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    params = {k: v.to(device).requires_grad_()
-              for k, v in model.init_params(generator).items()}
+    params = model.init_params(generator)
+    if meta_step.algorithm == "metasgd":
+        params = with_learned_rates(params, cfg.algorithm.inner_lr)
+    params = {k: v.to(device).requires_grad_() for k, v in params.items()}
     broadcast_from_rank0(list(params.values()))
     optimizer = make_optimizer(cfg, list(params.values()))
     schedule = make_schedule(cfg, optimizer)
-    meta_step = MetaStep.from_config(cfg.algorithm)
-    test_step = MetaStep.from_config(cfg.algorithm, test=True)
     # The inner Adam's state, when it runs on from task to task (algorithm.inner_state).
     carried = CarriedMoments() if meta_step.inner_state == "carried" else None
     start, history = 0, []
@@ -224,8 +232,10 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
             if done % cfg.train.log_every == 0 or last:
                 record["tasks_per_s"] = tasks_seen / record["elapsed_s"]
                 record["data_wait_fraction"] = waited / record["elapsed_s"]
+                record.update(learned_rate_means(params))  # Meta-SGD's, per parameter
                 tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                                 if k != "step" and not k.startswith("inner_lr/")})
             validated = bool(cfg.train.val_every) and (done % cfg.train.val_every == 0 or last)
             if validated:
                 val = last_val = evaluate(streams.val, cfg.train.val_episodes,
