@@ -62,7 +62,11 @@ class AlgorithmConfig:
     meta_batch_size: int = 32
     outer_lr: float = 0.001  # β
     outer_optimizer: str = "adam"  # adam | sgd (Reptile's β(φ-θ) update is sgd)
-    outer_lr_final: float | None = None  # β annealed linearly to this over train.steps
+    outer_lr_final: float | None = None  # β annealed to this over train.steps
+    outer_lr_schedule: str = "linear"  # linear | cosine (MAML++): how β anneals
+    # Meta-steps taken first order before the second-order meta-gradient starts (MAML++'s
+    # derivative-order annealing); 0: none.
+    first_order_steps: int = 0
     inner_batch: int = 0  # support rows per inner step (minibatches); 0: the whole support
     test_inner_batch: int | None = None  # at validation and meta-test; None: inner_batch
     inner_optimizer: str = "sgd"  # sgd | adam (first-order algorithms only)
@@ -309,6 +313,8 @@ def validate(config: Config) -> None:
     choices = {
         "model.name": (config.model.name, ("conv4", "mlp")),
         "algorithm.outer_optimizer": (config.algorithm.outer_optimizer, ("adam", "sgd")),
+        "algorithm.outer_lr_schedule": (config.algorithm.outer_lr_schedule,
+                                        ("linear", "cosine")),
         "train.inner_loop": (config.train.inner_loop, ("auto", "loop", "vmap")),
         "train.precision": (config.train.precision, ("fp32", "bf16")),
         "model.pool": (config.model.pool, ("max", "stride")),
@@ -335,6 +341,7 @@ def validate(config: Config) -> None:
         "ray.actors": (config.ray.actors, 0),
         "ray.max_failures": (config.ray.max_failures, 0),
         "algorithm.meta_batch_size": (config.algorithm.meta_batch_size, 1),
+        "algorithm.first_order_steps": (config.algorithm.first_order_steps, 0),
         "eval.episodes": (config.eval.episodes, 1),
         "eval.batch_size": (config.eval.batch_size, 1),
         "workers": (config.workers, 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,36 @@ def test_bf16_precision_autocasts_meta_training_only(tmp_path):
     assert load_checkpoint(bf16["checkpoint"])["config"]["train"]["precision"] == "bf16"
     with pytest.raises(Exception, match=r"train\.precision='fp16' is not one of"):
         sinusoid(tmp_path, "train.precision=fp16")
+
+
+def test_derivative_order_annealing_switches_to_second_order_at_the_configured_step(tmp_path):
+    # MAML++: the first algorithm.first_order_steps meta-steps are first order.
+    common = ["train.steps=4", "train.checkpoint_every=1", "train.inner_loop=loop",
+              "algorithm.inner_steps=2", "algorithm.meta_batch_size=4", "eval.episodes=5"]
+
+    def params_at(run: dict, step: int) -> dict:
+        return load_checkpoint(Path(run["run_dir"]) / "checkpoints" /
+                               f"step-{step:07d}.pt")["params"]
+
+    annealed = train(sinusoid(tmp_path / "a", *common, "algorithm.first_order_steps=2"))
+    first = train(sinusoid(tmp_path / "b", *common, "algorithm.first_order=true"))
+    second = train(sinusoid(tmp_path / "c", *common),
+                   resume=Path(annealed["run_dir"]) / "checkpoints" / "step-0000002.pt")
+    for k in params_at(first, 2):
+        torch.testing.assert_close(params_at(annealed, 2)[k], params_at(first, 2)[k],
+                                   rtol=0, atol=0)  # first order up to step 2
+        # then second order: step 3 is MAML's step from the step-2 state
+        torch.testing.assert_close(params_at(annealed, 3)[k], params_at(second, 3)[k],
+                                   rtol=0, atol=0)
+    assert any(not torch.equal(params_at(annealed, 3)[k], params_at(first, 3)[k])
+               for k in params_at(first, 3))
+
+
+def test_a_cosine_outer_schedule_anneals_beta_along_a_half_cosine(tmp_path):
+    run = train(sinusoid(tmp_path, "train.steps=8", "train.log_every=1",
+                         "algorithm.outer_lr=0.001", "algorithm.outer_lr_final=0.0001",
+                         "algorithm.outer_lr_schedule=cosine", "eval.episodes=5"))
+    history = json.loads((Path(run["run_dir"]) / "history.json").read_text())
+    rates = [h["outer_lr"] for h in history]  # after each step: the next step's β
+    expected = [1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(1, 9)]
+    assert rates == pytest.approx(expected, rel=1e-6)

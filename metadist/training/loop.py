@@ -14,11 +14,12 @@ MLflow.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,8 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
                         image_size=streams.image_size)
     meta_step = MetaStep.from_config(cfg.algorithm)
     test_step = MetaStep.from_config(cfg.algorithm, test=True)
+    # MAML++'s derivative-order annealing: the first meta-steps take the first-order one.
+    early_step = replace(meta_step, first_order=True)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     params = model.init_params(generator)
     if meta_step.algorithm == "metasgd":
@@ -198,8 +201,9 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
             batch, order = batch_at(step)
             waited += time.perf_counter() - t_fetch
             with autocast():
+                this_step = early_step if step < cfg.algorithm.first_order_steps else meta_step
                 grads, sums = meta_gradient(
-                    model, params, batch, meta_step, inner_loop=inner_loop,
+                    model, params, batch, this_step, inner_loop=inner_loop,
                     chunk=cfg.train.chunk, order=order, carried=carried,
                 )
             stop_asked = signalled() or (hooks.stop is not None and hooks.stop())
@@ -354,13 +358,18 @@ def make_optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.Optim
 
 
 def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer):
-    """β annealed linearly from outer_lr to outer_lr_final over train.steps (Reptile's
-    meta-step schedule); None: β stays constant. The rate is a function of the step and of
-    train.steps alone, so a resumed run, or one extended on resume, needs no saved state."""
+    """β annealed from outer_lr to outer_lr_final over train.steps, linearly (Reptile's
+    meta-step schedule) or along a half cosine (MAML++'s); None: β stays constant. The
+    rate is a function of the step and of train.steps alone, so a resumed run, or one
+    extended on resume, needs no saved state."""
     final = cfg.algorithm.outer_lr_final
     if final is None:
         return None
     end, total = final / cfg.algorithm.outer_lr, max(cfg.train.steps, 1)
+    if cfg.algorithm.outer_lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: end + (1 - end) * 0.5
+                                                 * (1 + math.cos(math.pi * min(step, total)
+                                                                 / total)))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1 + (end - 1) * min(step, total) / total
     )
