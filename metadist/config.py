@@ -67,6 +67,12 @@ class AlgorithmConfig:
     # Meta-steps taken first order before the second-order meta-gradient starts (MAML++'s
     # derivative-order annealing); 0: none.
     first_order_steps: int = 0
+    # MAML++'s per-layer per-step learned inner rates (LSLR): a rate per parameter tensor
+    # and inner step, started at inner_lr and meta-learned.
+    lslr: bool = False
+    # MAML++'s multi-step loss: over the first msl_steps meta-steps the query loss after
+    # every inner step counts, annealed towards the last step's alone; 0: off.
+    msl_steps: int = 0
     inner_batch: int = 0  # support rows per inner step (minibatches); 0: the whole support
     test_inner_batch: int | None = None  # at validation and meta-test; None: inner_batch
     inner_optimizer: str = "sgd"  # sgd | adam (first-order algorithms only)
@@ -342,6 +348,7 @@ def validate(config: Config) -> None:
         "ray.max_failures": (config.ray.max_failures, 0),
         "algorithm.meta_batch_size": (config.algorithm.meta_batch_size, 1),
         "algorithm.first_order_steps": (config.algorithm.first_order_steps, 0),
+        "algorithm.msl_steps": (config.algorithm.msl_steps, 0),
         "eval.episodes": (config.eval.episodes, 1),
         "eval.batch_size": (config.eval.batch_size, 1),
         "workers": (config.workers, 1),
@@ -380,6 +387,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"data.decode_cache_max_gb={cap} caps the decode cache, and "
                               "data.decode_cache is not set (name a node-local directory)")
     _validate_heads(config)
+    if config.algorithm.msl_steps and config.algorithm.name not in ("maml", "fomaml", "metasgd"):
+        raise ConfigError(
+            f"algorithm.msl_steps={config.algorithm.msl_steps} weights the query loss after "
+            f"every inner step of all parameters, which algorithm.name="
+            f"{config.algorithm.name!r} does not take: use maml, fomaml or metasgd")
     # The defaults alone (sinusoid data, the Conv4) do not make a run: say what is missing.
     # (An MLP on an image dataset is refused where the model is built, from the data.)
     if config.data.dataset == "sinusoid" and config.model.name != "mlp":

@@ -102,9 +102,9 @@ class Learner:
                                  "needs at least 2 classes")
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[label] for label in labels], device=self.device)
-        if lr is not None and self.step.algorithm == "metasgd":
-            raise ValueError(f"lr={lr}: a Meta-SGD model adapts at the rates it learned, one "
-                             "per parameter entry")
+        if lr is not None and (self.step.algorithm == "metasgd" or self.step.lslr):
+            raise ValueError(f"lr={lr}: this model adapts at the inner rates it learned "
+                             f"({'Meta-SGD' if self.step.algorithm == 'metasgd' else 'LSLR'})")
         # None keeps the meta-test's value; anything else is checked as a MetaStep's is.
         try:
             step = replace(self.step, inner_lr=self.step.inner_lr if lr is None else lr,

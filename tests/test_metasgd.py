@@ -119,6 +119,6 @@ def test_meta_sgd_trains_resumes_and_adapts_at_its_learned_rates(tmp_path):
     x = np.linspace(-5, 5, 10)
     adapted = learner.adapt(x, np.sin(x))
     assert len(adapted.predict(x)) == 10
-    with pytest.raises(ValueError, match="lr=0.1: a Meta-SGD model adapts at the rates it "
-                       "learned"):
+    with pytest.raises(ValueError, match=r"lr=0.1: this model adapts at the inner rates it "
+                       r"learned \(Meta-SGD\)"):
         learner.adapt(x, np.sin(x), lr=0.1)

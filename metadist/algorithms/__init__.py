@@ -9,8 +9,11 @@ from metadist.algorithms.meta import (
     learned_rate_means,
     meta_gradient,
     model_keys,
+    multi_step_weights,
     with_learned_rates,
+    with_step_rates,
 )
 
 __all__ = ["ALGORITHMS", "CarriedMoments", "MetaStep", "adapt", "adapted_scores", "meta_gradient",
-           "learned_rate_means", "model_keys", "task_loss", "with_learned_rates"]
+           "learned_rate_means", "model_keys", "multi_step_weights", "task_loss",
+           "with_learned_rates", "with_step_rates"]

@@ -62,6 +62,8 @@ def adapt_with_moments(
     betas: tuple[float, float] = (0.0, 0.999),
     moments: Moments | None = None,
     rates: Params | None = None,
+    step_rates: Params | None = None,
+    trajectory: list | None = None,
 ) -> tuple[Params, Moments]:
     """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
     ``lr`` on (x, y), and Adam's state after the last step (SGD: no moments). ``keys``
@@ -69,7 +71,9 @@ def adapt_with_moments(
     row indices, see ``minibatch_order``) gives each step's minibatch; None: every step
     uses all of (x, y). ``moments``: Adam's state to start from; None: zero. ``rates``:
     a learning rate per entry of each adapted parameter, in place of ``lr`` (Meta-SGD);
-    the outer gradient reaches them through the update."""
+    ``step_rates``: a rate per adapted parameter and step ([S]; steps past S take the
+    last), in place of ``lr`` (MAML++'s LSLR). The outer gradient reaches both through
+    the update. ``trajectory``: a list that gets the parameters after each step."""
     keys = list(params) if keys is None else list(keys)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -81,9 +85,20 @@ def adapt_with_moments(
         grads = _grads(model, params, xs, ys, keys, first_order, impl, functional)
         if optimizer == "adam":
             grads = _adam_directions(grads, state, taken + t + 1, betas)
-        params = {**params, **{k: params[k] - (lr if rates is None else rates[k]) * grads[k]
+        params = {**params, **{k: params[k] - _rate(k, t, lr, rates, step_rates) * grads[k]
                                for k in keys}}
+        if trajectory is not None:
+            trajectory.append(params)
     return params, (taken + steps if optimizer == "adam" else taken, state)
+
+
+def _rate(key: str, t: int, lr: float, rates: Params | None, step_rates: Params | None):
+    if rates is not None:
+        return rates[key]
+    if step_rates is not None:
+        per_step = step_rates[key]
+        return per_step[min(t, per_step.shape[0] - 1)]
+    return lr
 
 
 def _adam_directions(

@@ -18,7 +18,7 @@ Two interchangeable ways to run the tasks' inner loops:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +40,8 @@ ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "metasgd", "protonet")
 # parameter, under this prefix: they are meta-trained, all-reduced, checkpointed and
 # restored with the rest.
 RATE_PREFIX = "lr."
+# MAML++'s learned rates (LSLR): one per parameter tensor and inner step, [steps].
+STEP_RATE_PREFIX = "lslr."
 
 
 def with_learned_rates(params: Params, inner_lr: float) -> Params:
@@ -49,15 +51,51 @@ def with_learned_rates(params: Params, inner_lr: float) -> Params:
                          for k, v in params.items()}}
 
 
+def with_step_rates(params: Params, inner_lr: float, steps: int) -> Params:
+    """``params`` and a learning rate per parameter tensor and inner step (MAML++'s
+    LSLR, Antoniou et al. 2019), all starting at ``inner_lr``."""
+    return {**params, **{STEP_RATE_PREFIX + k: torch.full((steps,), inner_lr,
+                                                          dtype=v.dtype, device=v.device)
+                         for k, v in params.items()}}
+
+
+def rate_shapes(shapes: dict[str, tuple[int, ...]], algorithm) -> dict[str, tuple[int, ...]]:
+    """The shapes of the learned rates an ``AlgorithmConfig`` adds to a model's
+    parameters of ``shapes`` (what a checkpoint must hold beside them)."""
+    if algorithm.name == "metasgd":
+        return {RATE_PREFIX + k: shape for k, shape in shapes.items()}
+    if algorithm.lslr:
+        return {STEP_RATE_PREFIX + k: (algorithm.inner_steps,) for k in shapes}
+    return {}
+
+
 def learned_rate_means(params: Params) -> dict[str, float]:
-    """Each parameter's mean learned rate, ``inner_lr/NAME`` (Meta-SGD; else empty)."""
-    return {f"inner_lr/{k[len(RATE_PREFIX):]}": v.detach().mean().item()
-            for k, v in params.items() if k.startswith(RATE_PREFIX)}
+    """The learned rates, for the record: Meta-SGD's mean per parameter
+    (``inner_lr/NAME``), LSLR's per parameter and step (``inner_lr/NAME/step-T``)."""
+    out = {}
+    for k, v in params.items():
+        if k.startswith(RATE_PREFIX):
+            out[f"inner_lr/{k[len(RATE_PREFIX):]}"] = v.detach().mean().item()
+        elif k.startswith(STEP_RATE_PREFIX):
+            for t, rate in enumerate(v.detach().tolist()):
+                out[f"inner_lr/{k[len(STEP_RATE_PREFIX):]}/step-{t + 1}"] = rate
+    return out
+
+
+def multi_step_weights(steps: int, meta_step: int, anneal_steps: int) -> list[float] | None:
+    """MAML++'s multi-step loss weights (Antoniou et al. 2019, their released code): the
+    query loss after each of ``steps`` inner steps counts 1/steps at first; over
+    ``anneal_steps`` meta-steps the earlier ones fall linearly to 0.03/steps and the last
+    takes the rest; from then on the last step alone counts (None)."""
+    if anneal_steps <= 0 or meta_step >= anneal_steps or steps < 2:
+        return None
+    early = max((1 - meta_step / anneal_steps) / steps, 0.03 / steps)
+    return [early] * (steps - 1) + [1 - early * (steps - 1)]
 
 
 def model_keys(params: Params) -> list[str]:
     """The model's own parameters: ``params`` less any learned rates."""
-    return [k for k in params if not k.startswith(RATE_PREFIX)]
+    return [k for k in params if not k.startswith((RATE_PREFIX, STEP_RATE_PREFIX))]
 
 
 class StepError(ValueError):
@@ -83,6 +121,7 @@ class MetaStep:
     # Where each task's classifier head starts: None: the algorithm's own (protonet:
     # "prototypes", the others: "learned"); see ``metadist.algorithms.heads``.
     head_init: str | None = None
+    lslr: bool = False  # MAML++: a learned rate per parameter tensor and inner step
 
     def __post_init__(self) -> None:
         # The one home of these rules: a config's algorithm section is checked by building
@@ -117,6 +156,11 @@ class MetaStep:
             raise bad("inner_state", "carried",
                       "carries the inner Adam's moments and needs inner_optimizer 'adam' "
                       f"(inner_optimizer {self.inner_optimizer!r} has none)")
+        if self.lslr and self.algorithm in ("metasgd", "reptile", "protonet"):
+            raise bad("lslr", True, f"does not apply to {self.algorithm!r} (MAML++'s learned "
+                      "rates are for maml, fomaml and anil)")
+        if self.lslr and self.inner_optimizer != "sgd":
+            raise bad("lslr", True, "needs inner_optimizer 'sgd': the rates are SGD's")
         if self.head_init is not None and self.head_init not in HEAD_INITS:
             raise choice("head_init", self.head_init, HEAD_INITS)
         if self.algorithm == "protonet" and self.head != "prototypes":
@@ -153,9 +197,11 @@ class MetaStep:
                     keys["inner_batch"] = "test_inner_batch"
                 batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
                 return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
-                           a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init)
+                           a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
+                           a.lslr)
             return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
-                       a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init)
+                       a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
+                       a.lslr)
         except StepError as err:
             raise ValueError(f"algorithm.{keys.get(err.field, err.field)}{err.detail}") from None
 
@@ -182,6 +228,10 @@ class MetaStep:
         if self.algorithm == "metasgd" and params is not None:
             keys = model_keys(params)
             options.update(keys=keys, rates={k: params[RATE_PREFIX + k] for k in keys})
+        if self.lslr and params is not None:
+            keys = model_keys(params)
+            options.update(keys=keys, step_rates={k: params[STEP_RATE_PREFIX + k]
+                                                  for k in keys})
         return options
 
     @property
@@ -273,6 +323,7 @@ def _task_outcome(
     order: Tensor | None = None,
     moments: Moments | None = None,
     ways: int | None = None,
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
     """Adapt on the support set, starting Adam from ``moments`` (None: zero); return
     (query loss, query accuracy, adapted params, Adam's end moments). ``ways``: the task's
@@ -292,20 +343,29 @@ def _task_outcome(
         head = _Head(model)
         s_feat = model.features(params, sx, impl)
         q_feat = model.features(params, qx, impl)
+        options = step.adapt_options()
+        if step.lslr:
+            options["step_rates"] = {k: params[STEP_RATE_PREFIX + k] for k in head_keys}
         head_params, (_, end) = adapt_with_moments(
             head, {k: params[k] for k in head_keys}, s_feat, sy, first_order=first_order,
-            functional=functional, order=order, moments=moments, **step.adapt_options(),
+            functional=functional, order=order, moments=moments, **options,
         )
         out = model.head(head_params, q_feat)
         adapted = {**params, **head_params}
     else:
+        trajectory = [] if step_weights is not None else None
         adapted, (_, end) = adapt_with_moments(
             model, params, sx, sy, first_order=first_order, impl=impl,
-            functional=functional, order=order, moments=moments,
+            functional=functional, order=order, moments=moments, trajectory=trajectory,
             **step.adapt_options(params),
         )
         out = model(adapted, qx, impl)
     loss = output_loss(out, qy)
+    if step_weights is not None and trajectory:
+        if len(step_weights) != len(trajectory):
+            raise ValueError(f"{len(step_weights)} step weights for {len(trajectory)} steps")
+        loss = sum(w * output_loss(model(p, qx, impl), qy)
+                   for w, p in zip(step_weights[:-1], trajectory[:-1])) + step_weights[-1] * loss
     if qy.dtype == torch.int64:
         acc = (out.argmax(-1) == qy).float().mean()
     else:
@@ -323,8 +383,11 @@ def meta_gradient(
     chunk: int = 0,
     order: Tensor | None = None,
     carried: CarriedMoments | None = None,
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """Sum over the batch's tasks of each task's meta-gradient, and summed metrics.
+    ``step_weights``: MAML++'s multi-step loss, the query loss after each inner step
+    weighted (``multi_step_weights``); None: the query loss after the last step.
 
     MAML/FOMAML/ANIL: the gradient of the query loss after adaptation. Reptile: θ - φ,
     so that an SGD outer step of rate β moves θ by β(φ - θ). ``order``: each task's inner
@@ -357,7 +420,7 @@ def meta_gradient(
         else:
             losses, accs, _, end = _run_tasks(
                 model, params, sx, sy, qx, qy, step, inner_loop, outer_graph=True, order=o,
-                moments=start,
+                moments=start, step_weights=step_weights,
             )
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
             for i, g in enumerate(grads):
@@ -425,6 +488,7 @@ def _run_tasks(
     outer_graph: bool,
     order: Tensor | None = None,
     moments: Moments | None = None,
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
     """Per-task (loss [T], accuracy [T], adapted params [T, ...], Adam's end moments
     [T, ...]) for a slice of tasks, each starting Adam from ``moments``."""
@@ -439,7 +503,7 @@ def _run_tasks(
             for t in range(sx.shape[0]):
                 loss, acc, adapted, end = _task_outcome(
                     model, params, sx[t], sy[t], qx[t], qy[t], step, impl, False, first_order,
-                    None if order is None else order[t], moments, ways,
+                    None if order is None else order[t], moments, ways, step_weights,
                 )
                 if not outer_graph:
                     loss, acc = loss.detach(), acc.detach()
@@ -457,7 +521,7 @@ def _run_tasks(
     def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, order: Tensor | None
                  ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
         return _task_outcome(model, params, sx, sy, qx, qy, step, impl, True, first_order,
-                             order, moments, ways)
+                             order, moments, ways, step_weights)
 
     grad_mode: Callable = torch.enable_grad if outer_graph else torch.no_grad
     in_dims = (0, 0, 0, 0, None if order is None else 0)

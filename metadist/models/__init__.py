@@ -73,17 +73,14 @@ def param_shapes(model: Conv4 | MLP) -> dict[str, tuple[int, ...]]:
 
 
 def check_params(model: Conv4 | MLP, params: Any, where: str, *,
-                 learned_rates: bool = False) -> None:
+                 extra: dict[str, tuple[int, ...]] | None = None) -> None:
     """Parameters loaded from a file must be exactly the model's: the same names and shapes,
-    and floating point. (Non-finite values surface as a non-finite score.)
-    ``learned_rates``: a learning rate of the same shape beside each, named ``lr.NAME``
-    (Meta-SGD)."""
+    and floating point. (Non-finite values surface as a non-finite score.) ``extra``: the
+    names and shapes of what an algorithm keeps beside them (learned inner rates)."""
     if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor)
                                                for v in params.values()):
         raise ValueError(f"{where}: parameters must be a mapping of names to tensors")
-    expected = param_shapes(model)
-    if learned_rates:
-        expected = {**expected, **{f"lr.{k}": shape for k, shape in expected.items()}}
+    expected = {**param_shapes(model), **(extra or {})}
     got = {k: tuple(v.shape) for k, v in params.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))

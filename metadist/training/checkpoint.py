@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from metadist.algorithms import CarriedMoments, MetaStep
+from metadist.algorithms.meta import rate_shapes
 from metadist.config import Config, config_from_dict
-from metadist.models import check_params, model_from_spec
+from metadist.models import check_params, model_from_spec, param_shapes
 
 FORMAT = "metadist-checkpoint/1"
 
@@ -87,9 +88,9 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu",
             model = model_from_spec(state["model"])
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    # Meta-SGD's learned rates: one beside each of the model's parameters.
-    rates = config.algorithm.name == "metasgd"
-    check_params(model, state["params"], str(path), learned_rates=rates)
+    # Learned inner rates (Meta-SGD's, MAML++'s) are parameters beside the model's.
+    check_params(model, state["params"], str(path),
+                 extra=rate_shapes(param_shapes(model), config.algorithm))
     params = {k: v.to(device) for k, v in state["params"].items()}
     return Trained(str(path), state, config, model, params)
 

@@ -32,7 +32,9 @@ from metadist.algorithms import (
     MetaStep,
     learned_rate_means,
     meta_gradient,
+    multi_step_weights,
     with_learned_rates,
+    with_step_rates,
 )
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
@@ -125,6 +127,8 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
     params = model.init_params(generator)
     if meta_step.algorithm == "metasgd":
         params = with_learned_rates(params, cfg.algorithm.inner_lr)
+    if meta_step.lslr:
+        params = with_step_rates(params, cfg.algorithm.inner_lr, cfg.algorithm.inner_steps)
     params = {k: v.to(device).requires_grad_() for k, v in params.items()}
     broadcast_from_rank0(list(params.values()))
     optimizer = make_optimizer(cfg, list(params.values()))
@@ -205,6 +209,8 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
                 grads, sums = meta_gradient(
                     model, params, batch, this_step, inner_loop=inner_loop,
                     chunk=cfg.train.chunk, order=order, carried=carried,
+                    step_weights=multi_step_weights(meta_step.inner_steps, step,
+                                                    cfg.algorithm.msl_steps),
                 )
             stop_asked = signalled() or (hooks.stop is not None and hooks.stop())
             stats = torch.tensor([sums["loss"], sums["accuracy"], batch.support_x.shape[0],
