@@ -96,8 +96,12 @@ def summarize(
         "loss": loss.mean().item(),
         "loss_ci95": confidence_95(loss),
         "episodes": values.numel(),
-        "inner_steps": step.inner_steps,
-        "inner_lr": step.inner_lr,
+        # What adapted each episode: a protonet has no inner loop, Meta-SGD and LSLR
+        # adapt at their learned rates.
+        "inner_steps": 0 if step.algorithm == "protonet" else step.inner_steps,
+        "inner_lr": ("learned" if step.algorithm == "metasgd" or step.lslr
+                     else None if step.algorithm == "protonet" else step.inner_lr),
+        "head": step.head,
         "batch_norm": "transductive (each episode's own statistics)",
     }
     report.update(protocol or {})
