@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_meta_gradients import image_batch, small_conv
+from test_meta_gradients import image_batch, small_conv, written_out_objective
 
 from metadist import Learner
 from metadist.algorithms import MetaStep, meta_gradient, with_step_rates
@@ -23,16 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def lslr_objective(model, params, batch, steps):
-    body = [k for k in params if not k.startswith("lslr.")]
-    total = 0.0
-    for t in range(batch.support_x.shape[0]):
-        p = {k: params[k] for k in body}
-        for s in range(steps):
-            loss = F.cross_entropy(model(p, batch.support_x[t]), batch.support_y[t])
-            grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-            p = {k: v - params["lslr." + k][s] * g for (k, v), g in zip(p.items(), grads)}
-        total = total + F.cross_entropy(model(p, batch.query_x[t]), batch.query_y[t])
-    return total
+    return written_out_objective(model, params, batch, steps,
+                                 lambda key, s: params["lslr." + key][s])
 
 
 @pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
@@ -126,15 +117,7 @@ def test_the_multi_step_loss_is_the_weighted_sum_of_the_steps_query_losses(inner
     weights = [0.2, 0.3, 0.5]
     grads, metrics = meta_gradient(model, params, batch, step, inner_loop=inner_loop,
                                    step_weights=weights)
-    reference = 0.0
-    for t in range(2):
-        p = params
-        for s in range(3):
-            loss = F.cross_entropy(model(p, batch.support_x[t]), batch.support_y[t])
-            g = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-            p = {k: v - 0.3 * gi for (k, v), gi in zip(p.items(), g)}
-            reference = reference + weights[s] * F.cross_entropy(model(p, batch.query_x[t]),
-                                                                 batch.query_y[t])
+    reference = written_out_objective(model, params, batch, 3, lambda key, s: 0.3, weights)
     assert metrics["loss"] == pytest.approx(reference.item(), rel=1e-6)
     for got, want in zip(grads.values(), torch.autograd.grad(reference, list(params.values()))):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -35,16 +35,30 @@ def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def outer_loss(model, params, batch, step):
     """The meta-objective as a plain function of the parameters (sum over tasks)."""
+    return written_out_objective(model, params, batch, step.inner_steps,
+                                 lambda key, s: step.inner_lr)
+
+
+def written_out_objective(model, params, batch, steps, rate, weights=None):
+    """Σ over tasks of the query loss after ``steps`` inner SGD steps at ``rate(key, s)``,
+    with plain autograd: the reference the algorithms' meta-gradients are held to.
+    Learned rates (``lr.``/``lslr.`` entries) are read through ``rate``, not adapted.
+    ``weights``: the query loss after every step, weighted (MAML++'s multi-step loss)."""
+    body = [k for k in params if not k.startswith(("lr.", "lslr."))]
     total = 0.0
     for t in range(batch.support_x.shape[0]):
-        p = params
-        for _ in range(step.inner_steps):
+        p = {k: params[k] for k in body}
+        for s in range(steps):
             g = torch.autograd.grad(
                 task_loss(model, p, batch.support_x[t], batch.support_y[t]),
                 list(p.values()), create_graph=True,
             )
-            p = {k: v - step.inner_lr * gi for (k, v), gi in zip(p.items(), g)}
-        total = total + task_loss(model, p, batch.query_x[t], batch.query_y[t])
+            p = {k: v - rate(k, s) * gi for (k, v), gi in zip(p.items(), g)}
+            if weights is not None:
+                total = total + weights[s] * task_loss(model, p, batch.query_x[t],
+                                                       batch.query_y[t])
+        if weights is None:
+            total = total + task_loss(model, p, batch.query_x[t], batch.query_y[t])
     return total
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_meta_gradients import image_batch, small_conv
+from test_meta_gradients import image_batch, small_conv, written_out_objective
 
 from metadist import Learner
 from metadist.algorithms import MetaStep, meta_gradient, with_learned_rates
@@ -24,18 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def metasgd_objective(model, params, batch, steps):
     """Σ_tasks L_q(θ − α⊙∇L_s ...) written out with plain autograd."""
-    body = [k for k in params if not k.startswith("lr.")]
-    total = 0.0
-    for t in range(batch.support_x.shape[0]):
-        p = {k: params[k] for k in body}
-        for _ in range(steps):
-            out = model(p, batch.support_x[t])
-            loss = torch.nn.functional.cross_entropy(out, batch.support_y[t])
-            grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-            p = {k: v - params["lr." + k] * g for (k, v), g in zip(p.items(), grads)}
-        out = model(p, batch.query_x[t])
-        total = total + torch.nn.functional.cross_entropy(out, batch.query_y[t])
-    return total
+    return written_out_objective(model, params, batch, steps,
+                                 lambda key, s: params["lr." + key])
 
 
 @pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
