@@ -89,9 +89,9 @@ def check_resources(config: Config, nodes: list[dict[str, float]] | None = None)
 
 
 # Private memory of the smallest process a run starts: a Ray Train worker (torch and Ray
-# alone, with the sinusoid MLP) holds 462 MiB of its own on the development machine
-# (/proc/PID/smaps_rollup, Private_Dirty). A floor, so the check below never refuses a
-# run that would fit; image workers and episode actors hold several times more.
+# alone, with the sinusoid MLP) holds 463-465 MiB of its own on the development machine
+# (benchmarks/worker_memory.py). A floor, so the check below never refuses a run that
+# would fit; image workers and episode actors hold several times more.
 PROCESS_MEMORY_FLOOR = 0.45 * 2**30
 
 
