@@ -70,6 +70,9 @@ class AlgorithmConfig:
     # MAML++'s per-layer per-step learned inner rates (LSLR): a rate per parameter tensor
     # and inner step, started at inner_lr and meta-learned.
     lslr: bool = False
+    # MAML++'s per-step batch-norm weights and biases: a copy per inner step, meta-learned
+    # and not adapted in the inner loop (the statistics are each batch's own, per step).
+    per_step_bn: bool = False
     # MAML++'s multi-step loss: over the first msl_steps meta-steps the query loss after
     # every inner step counts, annealed towards the last step's alone; 0: off.
     msl_steps: int = 0
@@ -392,6 +395,10 @@ def validate(config: Config) -> None:
             f"algorithm.msl_steps={config.algorithm.msl_steps} weights the query loss after "
             f"every inner step of all parameters, which algorithm.name="
             f"{config.algorithm.name!r} does not take: use maml, fomaml or metasgd")
+    if config.algorithm.per_step_bn and config.model.name != "conv4":
+        raise ConfigError(
+            f"algorithm.per_step_bn=true keeps batch-norm weights per inner step, and "
+            f"model.name={config.model.name!r} has no batch norm: use model.name=conv4")
     # The defaults alone (sinusoid data, the Conv4) do not make a run: say what is missing.
     # (An MLP on an image dataset is refused where the model is built, from the data.)
     if config.data.dataset == "sinusoid" and config.model.name != "mlp":

@@ -58,6 +58,8 @@ OVERRIDES = [
     ("algorithm.inner_steps=0", "algorithm.inner_steps=0 must be >= 1"),
     ("algorithm.first_order_steps=-1", "algorithm.first_order_steps=-1 must be >= 0"),
     ("algorithm.msl_steps=-1", "algorithm.msl_steps=-1 must be >= 0"),
+    ("algorithm.per_step_bn=true", "algorithm.per_step_bn=true keeps batch-norm weights"),
+    ("algorithm.per_step_bn=maybe", "algorithm.per_step_bn"),
     ("algorithm.outer_lr_schedule=step", "algorithm.outer_lr_schedule='step' is not one of"),
     ("algorithm.head_init=prototypes", "algorithm.head_init='prototypes' builds each task's"),
     ("algorithm.inner_steps=-3", "algorithm.inner_steps=-3 must be >= 1"),

@@ -28,6 +28,12 @@ CASES = {
     "maml": ["configs/omniglot_5w1s_maml.yaml", "algorithm.meta_batch_size=5",
              "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.1",
              "train.steps=3", "data.queries=3", "eval.episodes=8", "eval.batch_size=4"],
+    # MAML++'s per-step batch norms and per-step rates are parameters, all-reduced too.
+    "maml++": ["configs/omniglot_5w1s_maml.yaml", "algorithm.meta_batch_size=5",
+               "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.1",
+               "algorithm.inner_steps=2", "algorithm.per_step_bn=true", "algorithm.lslr=true",
+               "algorithm.msl_steps=2", "train.steps=3", "data.queries=3",
+               "eval.episodes=8", "eval.batch_size=4"],
     "fomaml": ["configs/sinusoid_maml.yaml", "algorithm.name=fomaml",
                "algorithm.outer_optimizer=sgd", "algorithm.outer_lr=0.01",
                "algorithm.meta_batch_size=6", "train.steps=8", "eval.episodes=20"],
@@ -77,15 +83,14 @@ def test_two_workers_end_with_the_parameters_of_one(algorithm, tmp_path, omniglo
 
 
 def load_initial(state: dict, key: str) -> torch.Tensor:
-    from metadist.algorithms import with_learned_rates
+    from metadist.algorithms import MetaStep
+    from metadist.config import config_from_dict
     from metadist.models import model_from_spec
+    from metadist.training.loop import initial_params
 
-    model = model_from_spec(state["model"])
-    seed = state["config"]["train"]["seed"]
-    params = model.init_params(torch.Generator().manual_seed(seed))
-    if state["config"]["algorithm"]["name"] == "metasgd":
-        params = with_learned_rates(params, state["config"]["algorithm"]["inner_lr"])
-    return params[key]
+    config = config_from_dict(state["config"])
+    step = MetaStep.from_config(config.algorithm)
+    return initial_params(config, model_from_spec(state["model"]), step)[key]
 
 
 def test_a_worker_frees_its_process_group_before_the_interpreter_exits(tmp_path):

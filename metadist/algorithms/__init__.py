@@ -11,9 +11,10 @@ from metadist.algorithms.meta import (
     model_keys,
     multi_step_weights,
     with_learned_rates,
+    with_step_norms,
     with_step_rates,
 )
 
 __all__ = ["ALGORITHMS", "CarriedMoments", "MetaStep", "adapt", "adapted_scores", "meta_gradient",
            "learned_rate_means", "model_keys", "multi_step_weights", "task_loss",
-           "with_learned_rates", "with_step_rates"]
+           "with_learned_rates", "with_step_norms", "with_step_rates"]

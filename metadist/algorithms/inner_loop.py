@@ -63,6 +63,7 @@ def adapt_with_moments(
     moments: Moments | None = None,
     rates: Params | None = None,
     step_rates: Params | None = None,
+    step_norms: Params | None = None,
     trajectory: list | None = None,
 ) -> tuple[Params, Moments]:
     """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
@@ -73,23 +74,39 @@ def adapt_with_moments(
     a learning rate per entry of each adapted parameter, in place of ``lr`` (Meta-SGD);
     ``step_rates``: a rate per adapted parameter and step ([S]; steps past S take the
     last), in place of ``lr`` (MAML++'s LSLR). The outer gradient reaches both through
-    the update. ``trajectory``: a list that gets the parameters after each step."""
+    the update. ``step_norms``: MAML++'s per-step batch-norm weights and biases, each
+    [S, ...]: the forward passes of step t (its support loss, and the query after it)
+    use ``params``' own entry at t = 0 and row t - 1 from then on (steps past S take the
+    last); they are not adapted. The returned parameters carry the last step's.
+    ``trajectory``: a list that gets the parameters after each step."""
     keys = list(params) if keys is None else list(keys)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if order is not None and order.shape[0] < steps:
         raise ValueError(f"order has {order.shape[0]} minibatches for {steps} steps")
     taken, state = (0, {}) if moments is None else (moments[0], dict(moments[1]))
+    if step_norms:
+        keys = [k for k in keys if k not in step_norms]
     for t in range(steps):
         xs, ys = (x, y) if order is None else (x[order[t]], y[order[t]])
-        grads = _grads(model, params, xs, ys, keys, first_order, impl, functional)
+        grads = _grads(model, _norms_at(params, step_norms, t), xs, ys, keys, first_order,
+                       impl, functional)
         if optimizer == "adam":
             grads = _adam_directions(grads, state, taken + t + 1, betas)
         params = {**params, **{k: params[k] - _rate(k, t, lr, rates, step_rates) * grads[k]
                                for k in keys}}
         if trajectory is not None:
-            trajectory.append(params)
-    return params, (taken + steps if optimizer == "adam" else taken, state)
+            trajectory.append(_norms_at(params, step_norms, t))
+    return (_norms_at(params, step_norms, steps - 1),
+            (taken + steps if optimizer == "adam" else taken, state))
+
+
+def _norms_at(params: Params, step_norms: Params | None, t: int) -> Params:
+    """``params`` with step ``t``'s batch-norm weights and biases (see ``step_norms``)."""
+    if not step_norms or t <= 0:
+        return params
+    return {**params, **{k: v[min(t, v.shape[0]) - 1] for k, v in step_norms.items()
+                         if v.shape[0]}}
 
 
 def _rate(key: str, t: int, lr: float, rates: Params | None, step_rates: Params | None):

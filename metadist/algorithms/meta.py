@@ -42,6 +42,9 @@ ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "metasgd", "protonet")
 RATE_PREFIX = "lr."
 # MAML++'s learned rates (LSLR): one per parameter tensor and inner step, [steps].
 STEP_RATE_PREFIX = "lslr."
+# MAML++'s per-step batch-norm weights and biases: the model's own entry serves inner
+# step 0, these [steps - 1, ...] the later steps.
+STEP_NORM_PREFIX = "bnstep."
 
 
 def with_learned_rates(params: Params, inner_lr: float) -> Params:
@@ -51,22 +54,39 @@ def with_learned_rates(params: Params, inner_lr: float) -> Params:
                          for k, v in params.items()}}
 
 
-def with_step_rates(params: Params, inner_lr: float, steps: int) -> Params:
-    """``params`` and a learning rate per parameter tensor and inner step (MAML++'s
-    LSLR, Antoniou et al. 2019), all starting at ``inner_lr``."""
+def with_step_rates(params: Params, inner_lr: float, steps: int,
+                    keys: Iterable[str] | None = None) -> Params:
+    """``params`` and a learning rate per parameter tensor (of ``keys``; None: all) and
+    inner step (MAML++'s LSLR, Antoniou et al. 2019), all starting at ``inner_lr``."""
+    keys = params if keys is None else keys
     return {**params, **{STEP_RATE_PREFIX + k: torch.full((steps,), inner_lr,
-                                                          dtype=v.dtype, device=v.device)
-                         for k, v in params.items()}}
+                                                          dtype=params[k].dtype,
+                                                          device=params[k].device)
+                         for k in keys}}
 
 
-def rate_shapes(shapes: dict[str, tuple[int, ...]], algorithm) -> dict[str, tuple[int, ...]]:
-    """The shapes of the learned rates an ``AlgorithmConfig`` adds to a model's
-    parameters of ``shapes`` (what a checkpoint must hold beside them)."""
+def with_step_norms(params: Params, norm_keys: Iterable[str], steps: int) -> Params:
+    """``params`` and, for each batch-norm weight and bias of ``norm_keys``, a copy per
+    inner step after the first (MAML++'s per-step batch-norm weights and biases), all
+    starting at the model's values."""
+    return {**params, **{STEP_NORM_PREFIX + k: params[k].detach().expand(
+        max(steps - 1, 0), *params[k].shape).clone() for k in norm_keys}}
+
+
+def extra_shapes(shapes: dict[str, tuple[int, ...]], algorithm,
+                 norm_keys: Sequence[str] = ()) -> dict[str, tuple[int, ...]]:
+    """The shapes of the parameters an ``AlgorithmConfig`` adds to a model's of
+    ``shapes`` (learned rates, per-step batch norm): what a checkpoint must hold beside
+    them. ``norm_keys``: the model's batch-norm weights and biases."""
     if algorithm.name == "metasgd":
         return {RATE_PREFIX + k: shape for k, shape in shapes.items()}
+    norms = tuple(norm_keys) if algorithm.per_step_bn else ()
+    extra = {STEP_NORM_PREFIX + k: (max(algorithm.inner_steps - 1, 0), *shapes[k])
+             for k in norms}
     if algorithm.lslr:
-        return {STEP_RATE_PREFIX + k: (algorithm.inner_steps,) for k in shapes}
-    return {}
+        extra.update({STEP_RATE_PREFIX + k: (algorithm.inner_steps,)
+                      for k in shapes if k not in norms})
+    return extra
 
 
 def learned_rate_means(params: Params) -> dict[str, float]:
@@ -94,8 +114,16 @@ def multi_step_weights(steps: int, meta_step: int, anneal_steps: int) -> list[fl
 
 
 def model_keys(params: Params) -> list[str]:
-    """The model's own parameters: ``params`` less any learned rates."""
-    return [k for k in params if not k.startswith((RATE_PREFIX, STEP_RATE_PREFIX))]
+    """The model's own parameters: ``params`` less any learned rates and per-step batch
+    norms."""
+    return [k for k in params
+            if not k.startswith((RATE_PREFIX, STEP_RATE_PREFIX, STEP_NORM_PREFIX))]
+
+
+def step_norms_of(params: Params) -> Params:
+    """The per-step batch-norm weights and biases in ``params``, by the model's key."""
+    return {k[len(STEP_NORM_PREFIX):]: v for k, v in params.items()
+            if k.startswith(STEP_NORM_PREFIX)}
 
 
 class StepError(ValueError):
@@ -122,6 +150,8 @@ class MetaStep:
     # "prototypes", the others: "learned"); see ``metadist.algorithms.heads``.
     head_init: str | None = None
     lslr: bool = False  # MAML++: a learned rate per parameter tensor and inner step
+    # MAML++: batch-norm weights and biases per inner step, meta-learned, not adapted
+    per_step_bn: bool = False
 
     def __post_init__(self) -> None:
         # The one home of these rules: a config's algorithm section is checked by building
@@ -159,6 +189,10 @@ class MetaStep:
         if self.lslr and self.algorithm in ("metasgd", "reptile", "protonet"):
             raise bad("lslr", True, f"does not apply to {self.algorithm!r} (MAML++'s learned "
                       "rates are for maml, fomaml and anil)")
+        if self.per_step_bn and self.algorithm not in ("maml", "fomaml"):
+            raise bad("per_step_bn", True, f"does not apply to {self.algorithm!r} (MAML++'s "
+                      "per-step batch norm is for maml and fomaml, whose inner loop adapts "
+                      "the body)")
         if self.lslr and self.inner_optimizer != "sgd":
             raise bad("lslr", True, "needs inner_optimizer 'sgd': the rates are SGD's")
         if self.head_init is not None and self.head_init not in HEAD_INITS:
@@ -198,10 +232,10 @@ class MetaStep:
                 batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
                 return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
                            a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
-                           a.lslr)
+                           a.lslr, a.per_step_bn)
             return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
                        a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
-                       a.lslr)
+                       a.lslr, a.per_step_bn)
         except StepError as err:
             raise ValueError(f"algorithm.{keys.get(err.field, err.field)}{err.detail}") from None
 
@@ -228,8 +262,12 @@ class MetaStep:
         if self.algorithm == "metasgd" and params is not None:
             keys = model_keys(params)
             options.update(keys=keys, rates={k: params[RATE_PREFIX + k] for k in keys})
+        if self.per_step_bn and params is not None:
+            norms = step_norms_of(params)
+            options.update(keys=[k for k in model_keys(params) if k not in norms],
+                           step_norms=norms)
         if self.lslr and params is not None:
-            keys = model_keys(params)
+            keys = options.get("keys", model_keys(params))
             options.update(keys=keys, step_rates={k: params[STEP_RATE_PREFIX + k]
                                                   for k in keys})
         return options

@@ -40,6 +40,11 @@ class Conv4:
             raise ValueError(f"model.readout must be 'mean' or 'flatten', got {self.readout!r}")
 
     @property
+    def norm_keys(self) -> tuple[str, ...]:
+        """The batch-norm weights and biases (MAML++ keeps a copy per inner step)."""
+        return tuple(f"bn{i}.{p}" for i in range(self.blocks) for p in ("weight", "bias"))
+
+    @property
     def feature_dim(self) -> int:
         if self.readout == "mean":
             return self.hidden

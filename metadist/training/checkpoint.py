@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from metadist.algorithms import CarriedMoments, MetaStep
-from metadist.algorithms.meta import rate_shapes
+from metadist.algorithms.meta import extra_shapes
 from metadist.config import Config, config_from_dict
 from metadist.models import check_params, model_from_spec, param_shapes
 
@@ -88,9 +88,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu",
             model = model_from_spec(state["model"])
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    # Learned inner rates (Meta-SGD's, MAML++'s) are parameters beside the model's.
+    # Learned inner rates (Meta-SGD's, MAML++'s) and MAML++'s per-step batch norms are
+    # parameters beside the model's.
     check_params(model, state["params"], str(path),
-                 extra=rate_shapes(param_shapes(model), config.algorithm))
+                 extra=extra_shapes(param_shapes(model), config.algorithm, model.norm_keys))
     params = {k: v.to(device) for k, v in state["params"].items()}
     return Trained(str(path), state, config, model, params)
 

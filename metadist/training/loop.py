@@ -34,6 +34,7 @@ from metadist.algorithms import (
     meta_gradient,
     multi_step_weights,
     with_learned_rates,
+    with_step_norms,
     with_step_rates,
 )
 from metadist.config import Config, to_dict, to_yaml
@@ -105,6 +106,19 @@ def train(
         raise
 
 
+def initial_params(cfg: Config, model, meta_step: MetaStep) -> dict[str, torch.Tensor]:
+    """The parameters a run starts from (seeded by train.seed): the model's, and the
+    learned rates and per-step batch norms its algorithm adds."""
+    params = model.init_params(torch.Generator().manual_seed(cfg.train.seed))
+    if meta_step.algorithm == "metasgd":
+        params = with_learned_rates(params, cfg.algorithm.inner_lr)
+    norms = model.norm_keys if meta_step.per_step_bn else ()
+    if meta_step.lslr:  # a rate for every parameter the inner loop adapts
+        params = with_step_rates(params, cfg.algorithm.inner_lr, cfg.algorithm.inner_steps,
+                                 [k for k in params if k not in norms])
+    return with_step_norms(params, norms, cfg.algorithm.inner_steps)
+
+
 def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hooks: Hooks,
            rank: int, world: int) -> dict[str, Any]:
     tracker = tracker if tracker is not None else NullTracker()
@@ -123,12 +137,7 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
     test_step = MetaStep.from_config(cfg.algorithm, test=True)
     # MAML++'s derivative-order annealing: the first meta-steps take the first-order one.
     early_step = replace(meta_step, first_order=True)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    params = model.init_params(generator)
-    if meta_step.algorithm == "metasgd":
-        params = with_learned_rates(params, cfg.algorithm.inner_lr)
-    if meta_step.lslr:
-        params = with_step_rates(params, cfg.algorithm.inner_lr, cfg.algorithm.inner_steps)
+    params = initial_params(cfg, model, meta_step)
     params = {k: v.to(device).requires_grad_() for k, v in params.items()}
     broadcast_from_rank0(list(params.values()))
     optimizer = make_optimizer(cfg, list(params.values()))
