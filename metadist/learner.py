@@ -179,7 +179,11 @@ def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y
                            step.head)
         if step.algorithm == "protonet":  # the prototypes are the whole adaptation
             return {k: v.detach() for k, v in params.items()}
-        options = {"keys": keys, **step.adapt_options(params)}
+        options = step.adapt_options(params)
+        if keys is not None:  # ANIL adapts the head alone, at the head's rates
+            options["keys"] = list(keys)
+            if "step_rates" in options:
+                options["step_rates"] = {k: options["step_rates"][k] for k in keys}
         adapted = adapt(model, params, x, y, first_order=True,
                         order=None if order is None else order[0], moments=moments, **options)
     return {k: v.detach() for k, v in adapted.items()}

@@ -149,3 +149,48 @@ def test_adapt_refuses_steps_and_rates_it_cannot_run(checkpoint):
             learner.adapt(images, labels, **kwargs)
     adapted = learner.adapt(images, labels, steps=1, lr=0.1)  # explicit values are used
     assert len(adapted.predict(images)) == 5
+
+
+# Every method's meta-test inner loop, and the Learner's (the registered module's), on the
+# same task: they must answer alike. Learned rates and per-step batch norms are moved off
+# their starting values first, so that one taken from the wrong place shows.
+METHODS = {
+    "maml": dict(algorithm="maml"),
+    "anil": dict(algorithm="anil"),
+    "anil+lslr": dict(algorithm="anil", lslr=True),
+    "maml++": dict(algorithm="maml", lslr=True, per_step_bn=True),
+    "metasgd": dict(algorithm="metasgd", inner_steps=1),
+    "protonet": dict(algorithm="protonet"),
+    "proto-maml": dict(algorithm="maml", head_init="prototypes"),
+    "zero-head": dict(algorithm="fomaml", head_init="zero"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_learner_s_module_answers_as_the_meta_test_for_every_method(method):
+    from types import SimpleNamespace
+
+    from test_meta_gradients import image_batch, small_conv
+
+    from metadist.algorithms import MetaStep
+    from metadist.training.loop import initial_params
+
+    options = {"inner_lr": 0.3, "inner_steps": 2, **METHODS[method]}
+    train_step = MetaStep(**options)
+    step = MetaStep(**{**options, "first_order": True})
+    model, _ = small_conv()
+    cfg = SimpleNamespace(train=SimpleNamespace(seed=0),
+                          algorithm=SimpleNamespace(inner_lr=0.3,
+                                                    inner_steps=options["inner_steps"]))
+    g = torch.Generator().manual_seed(2)
+    params = {k: v + (0.05 * torch.rand(v.shape, generator=g) if k.startswith(
+        ("lr.", "lslr.", "bnstep.")) else 0) for k, v in
+        initial_params(cfg, model, train_step).items()}
+    batch = image_batch(tasks=2)
+    losses, accs = adapted_scores(model, params, batch, step)
+    module = Learner(model, params, None, step, torch.device("cpu")).as_module()
+    for t in range(2):
+        with torch.no_grad():
+            out = module(batch.support_x[t], batch.support_y[t], batch.query_x[t])
+        loss = torch.nn.functional.cross_entropy(out, batch.query_y[t])
+        assert loss.item() == pytest.approx(losses[t].item(), rel=1e-5), method
