@@ -14,20 +14,26 @@ from metadist.launch import reproduce
 def test_every_row_loads_under_both_budgets():
     tables = reproduce.load_rows()
     assert set(tables) == {"omniglot", "miniimagenet"}
-    # Omniglot: 2 splits x {5,20}-way x {1,5}-shot x 5 algorithms; miniImageNet: 1 x 2 x 5.
-    assert len(tables["omniglot"]) == 40 and len(tables["miniimagenet"]) == 10
+    # Omniglot: 2 splits x {5,20}-way x {1,5}-shot x 6 algorithms; miniImageNet: 1 x 2 x 5.
+    assert len(tables["omniglot"]) == 48 and len(tables["miniimagenet"]) == 10
     for row in tables["omniglot"] + tables["miniimagenet"]:
         for budget in reproduce.BUDGETS:
             config = reproduce.row_config(row, budget)
-            assert config.algorithm.name == row.algorithm
+            assert config.algorithm.name == {"mamlpp": "maml"}.get(row.algorithm,
+                                                                   row.algorithm)
+            if row.algorithm == "mamlpp":  # MAML's config, MAML++'s switches on
+                a = config.algorithm
+                assert a.lslr and a.per_step_bn and a.outer_lr_schedule == "cosine"
+                assert a.msl_steps == config.train.steps // 10
             assert config.data.ways == int(row.setting.split("w")[0])
             assert config.data.shots == int(row.setting.split("w")[1].rstrip("s"))
             assert config.data.dataset == row.dataset
-        assert reproduce.row_config(row, "full").train.steps >= 60000
+        assert reproduce.row_config(row, "full").train.steps >= 50000
         # Finn et al.'s code tests on as many queries as shots, Nichol et al.'s on one;
         # Snell et al.'s and Li et al.'s are not compared (no second column).
         shots = reproduce.row_config(row, "cpu").data.shots
-        expected = {"reptile": 1, "protonet": None, "metasgd": None}.get(row.algorithm, shots)
+        expected = {"reptile": 1, "mamlpp": 1, "protonet": None,
+                    "metasgd": None}.get(row.algorithm, shots)
         assert reproduce.paper_queries(row, shots) == expected
 
 
