@@ -45,11 +45,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "conv4"  # conv4 | mlp
+    # conv4 | mlp | resnet12 | torchvision:NAME | python:package.module:callable (any
+    # torch.nn.Module backbone, see docs/models.md)
+    name: str = "conv4"
     hidden: int = 64  # conv4 filters
     pool: str = "max"  # conv4: "max" (2x2 max-pool) or "stride" (stride-2 convs, Finn's Omniglot)
     readout: str = "mean"  # conv4: "mean" over the last feature map, or "flatten"
     mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])
+    # resnet12: the four residual blocks' widths (MetaOptNet's, Meta-Baseline's default)
+    widths: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
 
 
 @dataclass
@@ -319,8 +323,8 @@ def absolute_paths(config: Config) -> dict[str, str]:
 
 
 def validate(config: Config) -> None:
+    _validate_model(config)
     choices = {
-        "model.name": (config.model.name, ("conv4", "mlp")),
         "algorithm.outer_optimizer": (config.algorithm.outer_optimizer, ("adam", "sgd")),
         "algorithm.outer_lr_schedule": (config.algorithm.outer_lr_schedule,
                                         ("linear", "cosine")),
@@ -373,6 +377,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"ray.cpus_per_worker={config.ray.cpus_per_worker} must be a finite "
                           "number >= 0")
     _validate_algorithm(config.algorithm)
+    _validate_inner_loop(config)
     _refuse_credentials(config)
     final = config.algorithm.outer_lr_final
     if final is not None and not 0 <= final <= config.algorithm.outer_lr:
@@ -395,10 +400,11 @@ def validate(config: Config) -> None:
             f"algorithm.msl_steps={config.algorithm.msl_steps} weights the query loss after "
             f"every inner step of all parameters, which algorithm.name="
             f"{config.algorithm.name!r} does not take: use maml, fomaml or metasgd")
-    if config.algorithm.per_step_bn and config.model.name != "conv4":
+    if config.algorithm.per_step_bn and config.model.name == "mlp":
         raise ConfigError(
             f"algorithm.per_step_bn=true keeps batch-norm weights per inner step, and "
-            f"model.name={config.model.name!r} has no batch norm: use model.name=conv4")
+            f"model.name={config.model.name!r} has no batch norm: use model.name=conv4 "
+            "or resnet12")
     # The defaults alone (sinusoid data, the Conv4) do not make a run: say what is missing.
     # (An MLP on an image dataset is refused where the model is built, from the data.)
     if config.data.dataset == "sinusoid" and config.model.name != "mlp":
@@ -445,6 +451,43 @@ def _refuse_credentials(config: Config) -> None:
                 "are recorded with every run. Give them to the client instead: for MLflow "
                 "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, for object stores the "
                 "cloud SDK's environment (AWS_ACCESS_KEY_ID, ...), for Ray its token file")
+
+
+def _validate_model(config: Config) -> None:
+    """``model.name`` and the values of its kind. A ``python:`` backbone is only checked
+    for its form here: validating a config (a checkpoint's among them) never imports it."""
+    from metadist.models import MODEL_NAMES
+    from metadist.models.backbone import SOURCES, check_source
+
+    name = config.model.name
+    if name.startswith(SOURCES):
+        try:
+            check_source(name)
+        except ValueError as err:
+            raise ConfigError(f"model.name={name!r}: {err}") from None
+    elif name not in MODEL_NAMES:
+        raise ConfigError(f"model.name={name!r} is not one of {list(MODEL_NAMES)}, "
+                          "torchvision:NAME or python:package.module:callable")
+    widths = list(config.model.widths)
+    if len(widths) != 4 or not all(w > 0 for w in widths):
+        raise ConfigError(f"model.widths={widths} must be 4 positive integers (the "
+                          "resnet12 blocks' widths)")
+
+
+def _validate_inner_loop(config: Config) -> None:
+    """Second order under vmap takes the im2col layers, which a torch module lacks (the
+    loop's ``auto`` then picks the loop; an explicit vmap is refused here)."""
+    from metadist.algorithms.meta import MetaStep
+    from metadist.models.backbone import SOURCES
+
+    name = config.model.name
+    step = MetaStep.from_config(config.algorithm)
+    if name.startswith(SOURCES) and config.train.inner_loop == "vmap" \
+            and not step.is_first_order:
+        raise ConfigError(
+            f"train.inner_loop='vmap' runs second-order {step.algorithm!r} on metadist's "
+            f"im2col layers, which model.name={name!r} (a torch module) has not: use "
+            "train.inner_loop=loop, or auto, which picks it")
 
 
 def _validate_heads(config: Config) -> None:

@@ -42,8 +42,12 @@ class Learner:
         self.moments = moments  # the inner Adam's state to start from, if the run carried one
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Learner:
-        trained = load_trained(checkpoint, device)
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", *,
+             trust_code: bool | None = None) -> Learner:
+        """``trust_code``: whether a model built by a ``python:`` factory may import it
+        (None: the environment variable METADIST_TRUST_CODE set to 1); see
+        docs/models.md."""
+        trained = load_trained(checkpoint, device, trust_code=trust_code)
         step = MetaStep.from_config(trained.config.algorithm, test=True)
         pre = trained.state.get("preprocessing")
         preprocessing = Preprocessing(**pre) if pre is not None else None

@@ -113,6 +113,15 @@ OVERRIDES = [
     ("tune.scheduler=pbt", "tune.scheduler='pbt' is not one of"),
     ("tune.cpus_per_trial=0", "tune.cpus_per_trial=0.0 must be a finite number > 0"),
     ("model.name=resnet", "model.name='resnet' is not one of"),
+    ("model.name=keras:resnet50", "model.name='keras:resnet50' is not one of"),
+    ("model.name=torchvision:resnet999", "model.name='torchvision:resnet999': 'resnet999' is "
+                                         "not one of torchvision's"),
+    ("model.name=python:os", "model.name='python:os': 'python:os' is not of the form "
+                             "python:package.module:callable"),
+    ("model.name=python:1bad.module:make", "model.name='python:1bad.module:make'"),
+    ("model.widths=[64,160,320]", "model.widths=[64, 160, 320] must be 4 positive integers"),
+    ("model.widths=[64,0,320,640]", "model.widths=[64, 0, 320, 640] must be 4 positive"),
+    ("model.widths=wide", "model.widths"),
     ("model.pool=avg", "model.pool='avg' is not one of"),
     ("model.readout=attn", "model.readout='attn' is not one of"),
     ("nope=1", "nope"),

@@ -32,6 +32,7 @@ class Conv4:
     blocks: int = 4
 
     head_keys = ("head.weight", "head.bias")
+    impls = ("native", "matmul")  # see metadist.models.layers
 
     def __post_init__(self) -> None:
         if self.pool not in ("max", "stride"):

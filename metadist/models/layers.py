@@ -42,6 +42,14 @@ def conv2d(x: Tensor, weight: Tensor, stride: int, impl: str) -> Tensor:
     return out.view(n, h_out, w_out, out_channels)
 
 
+def conv1x1(x: Tensor, weight: Tensor, impl: str) -> Tensor:
+    """1x1 convolution without bias (a residual shortcut's projection); layouts as
+    ``conv2d``'s. Channels-last, it is one matrix product over the pixels."""
+    if impl == "native":
+        return F.conv2d(x, weight)
+    return x @ weight.flatten(1).t()
+
+
 def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
     """Batch norm with the batch's own statistics (no running averages).
 

@@ -17,6 +17,7 @@ class MLP:
     out_features: int = 1
 
     head_keys = ("head.weight", "head.bias")
+    impls = ("native", "matmul")  # no layer differs: both are the same computation
     norm_keys = ()  # no batch norm
 
     def init_params(self, generator: torch.Generator | None = None) -> Params:

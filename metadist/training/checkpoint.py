@@ -71,9 +71,10 @@ class Trained:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu",
-                 model=None) -> Trained:
+                 model=None, *, trust_code: bool | None = None) -> Trained:
     """Load ``path`` and check its parameters against ``model`` (a resumed run's own),
-    or against the model the checkpoint describes."""
+    or against the model the checkpoint describes. ``trust_code``: whether a model built
+    by a ``python:`` factory may import it (see ``model_from_spec``)."""
     state = load_checkpoint(path, map_location=device)
     missing = [k for k in ("config", "model", "params", "step") if k not in state]
     if missing:
@@ -85,7 +86,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"{path}: its config: {err}") from None
     if model is None:
         try:
-            model = model_from_spec(state["model"])
+            model = model_from_spec(state["model"], trust_code=trust_code)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     # Learned inner rates (Meta-SGD's, MAML++'s) and MAML++'s per-step batch norms are

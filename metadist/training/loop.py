@@ -39,7 +39,7 @@ from metadist.algorithms import (
 )
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
-from metadist.models import build_model, model_spec
+from metadist.models import build_model, model_spec, second_order_under_vmap
 from metadist.training.checkpoint import load_trained, rng_state, save_checkpoint, set_rng_state
 from metadist.training.distributed import (
     all_reduce_sum,
@@ -165,6 +165,9 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
                               enabled=cfg.train.precision == "bf16")
 
     inner_loop = cfg.train.inner_loop
+    if inner_loop == "auto" and not meta_step.is_first_order \
+            and not second_order_under_vmap(model):
+        inner_loop = "loop"  # no im2col layers to run second order under vmap on
     if inner_loop == "auto":
         with autocast():
             inner_loop = agree_on_inner_loop(model, params, streams, meta_step, cfg,

@@ -1,0 +1,123 @@
+"""ResNet-12, the backbone of MetaOptNet (Lee et al. 2019) and Meta-Baseline (Chen et al.
+2021): four residual blocks, each three 3x3 conv + batch norm layers with a leaky ReLU
+after the first two, a 1x1 conv + batch norm shortcut added to the third, a leaky ReLU
+after the sum, then 2x2 max-pool; the last feature map averaged; a linear head.
+
+What it follows, block for block: Meta-Baseline's ``resnet12-wide``
+(yinboc/few-shot-meta-baseline, models/resnet12.py), which is MetaOptNet's block
+(kjunelee/MetaOptNet, models/ResNet12_embedding.py) without its DropBlock:
+- convolutions without bias, 3x3 with padding 1, and a 1x1 conv + batch norm shortcut in
+  every block (both codes project in every block);
+- leaky ReLU of slope 0.1; 2x2 max-pool, stride 2 (84 -> 42 -> 21 -> 10 -> 5);
+- widths 64-160-320-640 (``widths``);
+- convolutions initialised Kaiming-normal, fan-out, leaky-ReLU gain (``a`` = 0, so
+  sqrt(2), as both codes call it); batch-norm weights 1, biases 0;
+- global average pooling of the last map (Meta-Baseline; MetaOptNet flattens its 5x5x640
+  map for the SVM head unless ``avg_pool``);
+- parameter names as in the state dict of Meta-Baseline's ``ResNet12`` module
+  (``layer1.conv1.weight``, ``layer1.downsample.0.weight``, ...), so its weights map onto
+  these by name.
+At the default widths on 3-channel images that is 12,424,320 parameters, and a 5-way head
+adds 3,205 (12,427,525).
+
+Where it differs: batch norm is transductive like the Conv4's (each batch's own
+statistics, at training and at test, no running averages; see ``layers.batch_norm``);
+the head is the Conv4's linear head on the pooled features; and there is no DropBlock or
+dropout yet (MetaOptNet's drop rate 0.1, DropBlock size 5 in blocks 3 and 4): they need
+random numbers, which the vmap inner loop refuses (``randomness="error"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metadist.models import layers
+
+Params = dict[str, Tensor]
+
+LEAKY_SLOPE = 0.1  # both reference codes' nn.LeakyReLU(0.1)
+
+
+@dataclass(frozen=True)
+class ResNet12:
+    ways: int
+    in_channels: int = 3
+    widths: tuple[int, ...] = (64, 160, 320, 640)
+
+    head_keys = ("head.weight", "head.bias")
+    impls = ("native", "matmul")  # both: second-order MAML may run under vmap
+
+    def __post_init__(self) -> None:
+        widths = tuple(self.widths)
+        if len(widths) != 4 or not all(isinstance(w, int) and not isinstance(w, bool)
+                                       and w > 0 for w in widths):
+            raise ValueError(f"model.widths={list(widths)} must be 4 positive integers "
+                             "(the residual blocks' widths)")
+        object.__setattr__(self, "widths", widths)  # a checkpoint's spec holds a list
+
+    @property
+    def norm_keys(self) -> tuple[str, ...]:
+        """The batch-norm weights and biases (MAML++ keeps a copy per inner step)."""
+        return tuple(f"{norm}.{p}" for block in range(1, 5)
+                     for norm in (*(f"layer{block}.bn{j}" for j in (1, 2, 3)),
+                                  f"layer{block}.downsample.1")
+                     for p in ("weight", "bias"))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.widths[-1]
+
+    def init_params(self, generator: torch.Generator | None = None) -> Params:
+        params: Params = {}
+
+        def conv(name: str, out_channels: int, in_channels: int, size: int) -> None:
+            weight = torch.empty(out_channels, in_channels, size, size)
+            torch.nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="leaky_relu",
+                                          generator=generator)
+            params[name] = weight
+
+        def norm(name: str, channels: int) -> None:
+            params[f"{name}.weight"] = torch.ones(channels)
+            params[f"{name}.bias"] = torch.zeros(channels)
+
+        channels = self.in_channels
+        for block, width in enumerate(self.widths, start=1):
+            for j in (1, 2, 3):
+                conv(f"layer{block}.conv{j}.weight", width, channels if j == 1 else width, 3)
+                norm(f"layer{block}.bn{j}", width)
+            conv(f"layer{block}.downsample.0.weight", width, channels, 1)
+            norm(f"layer{block}.downsample.1", width)
+            channels = width
+        head = torch.empty(self.ways, self.feature_dim)
+        torch.nn.init.xavier_uniform_(head, generator=generator)
+        params["head.weight"] = head
+        params["head.bias"] = torch.zeros(self.ways)
+        return params
+
+    def features(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
+        h = layers.to_layout(x, impl)
+        for block in range(1, 5):
+            p = f"layer{block}."
+            out = h
+            for j in (1, 2, 3):
+                out = layers.conv2d(out, params[f"{p}conv{j}.weight"], 1, impl)
+                out = layers.batch_norm(out, params[f"{p}bn{j}.weight"],
+                                        params[f"{p}bn{j}.bias"], impl)
+                if j < 3:
+                    out = F.leaky_relu(out, LEAKY_SLOPE)
+            shortcut = layers.batch_norm(
+                layers.conv1x1(h, params[f"{p}downsample.0.weight"], impl),
+                params[f"{p}downsample.1.weight"], params[f"{p}downsample.1.bias"], impl)
+            h = layers.max_pool2(F.leaky_relu(out + shortcut, LEAKY_SLOPE), impl)
+        return layers.to_nchw(h, impl).mean(dim=(2, 3))
+
+    def head(self, params: Params, features: Tensor) -> Tensor:
+        return features @ params["head.weight"].t() + params["head.bias"]
+
+    def __call__(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
+        return self.head(params, self.features(params, x, impl))
+
