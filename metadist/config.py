@@ -99,6 +99,14 @@ class TrainConfig:
     seed: int = 0
     inner_loop: str = "auto"  # auto (measure both, keep the faster) | loop | vmap
     chunk: int = 0  # tasks per vmap call; 0 = the whole meta-batch
+    # Second-order inner steps recomputed in the outer backward instead of kept: the memory
+    # of a task stops growing with algorithm.inner_steps, for about one more forward and
+    # inner backward per step; the same meta-gradient.
+    recompute_inner: bool = False
+    # Each worker's memory budget for its meta-gradients, in GB (10^9 bytes): at start-up
+    # one task's peak is measured and the tasks run in chunks that fit (it sets
+    # train.chunk); None: no budget.
+    max_memory_gb: float | None = None
     log_every: int = 10
     val_every: int = 200
     val_episodes: int = 200
@@ -378,6 +386,7 @@ def validate(config: Config) -> None:
                           "number >= 0")
     _validate_algorithm(config.algorithm)
     _validate_inner_loop(config)
+    _validate_memory(config)
     _refuse_credentials(config)
     final = config.algorithm.outer_lr_final
     if final is not None and not 0 <= final <= config.algorithm.outer_lr:
@@ -488,6 +497,30 @@ def _validate_inner_loop(config: Config) -> None:
             f"train.inner_loop='vmap' runs second-order {step.algorithm!r} on metadist's "
             f"im2col layers, which model.name={name!r} (a torch module) has not: use "
             "train.inner_loop=loop, or auto, which picks it")
+
+
+def _validate_memory(config: Config) -> None:
+    """The memory switches: a budget is a positive number and sets the chunk itself;
+    recomputation needs second-order inner steps to recompute."""
+    from metadist.algorithms.meta import MetaStep
+
+    budget = config.train.max_memory_gb
+    if budget is not None:
+        if not (math.isfinite(budget) and budget > 0):
+            raise ConfigError(f"train.max_memory_gb={budget} must be a finite number > 0 (GB)")
+        if config.train.chunk:
+            raise ConfigError(f"train.chunk={config.train.chunk} and train.max_memory_gb="
+                              f"{budget} both set the tasks per chunk: set one of them")
+    step = MetaStep.from_config(config.algorithm)
+    if config.train.recompute_inner and step.is_first_order:
+        if step.algorithm == "protonet":
+            what = "algorithm.name='protonet' has no inner loop"
+        elif config.algorithm.first_order is None:
+            what = f"algorithm.name={step.algorithm!r} takes first-order ones"
+        else:
+            what = "algorithm.first_order=true takes first-order ones"
+        raise ConfigError(f"train.recompute_inner=true recomputes second-order inner steps, "
+                          f"and {what}, which keep no inner graph: drop train.recompute_inner")
 
 
 def _validate_heads(config: Config) -> None:

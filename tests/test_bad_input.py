@@ -94,6 +94,13 @@ OVERRIDES = [
     ("train.checkpoint_every=-1", "train.checkpoint_every=-1 must be >= 0"),
     ("train.threads=-1", "train.threads=-1 must be >= 0"),
     ("train.chunk=-1", "train.chunk=-1 must be >= 0"),
+    ("train.max_memory_gb=0", "train.max_memory_gb=0.0 must be a finite number > 0"),
+    ("train.max_memory_gb=-4", "train.max_memory_gb=-4.0 must be a finite number > 0"),
+    ("train.max_memory_gb=nan", "train.max_memory_gb=nan must be a finite number > 0"),
+    ("train.max_memory_gb=lots", "train.max_memory_gb"),
+    ("train.max_memory_gb=0.000000001", "train.max_memory_gb=1e-09 is below what one task's "
+                                        "meta-gradient needs: measured"),
+    ("train.recompute_inner=maybe", "train.recompute_inner"),
     ("train.inner_loop=fast", "train.inner_loop='fast' is not one of"),
     ("train.precision=fp16", "train.precision='fp16' is not one of"),
     ("train.device=tpu", "train.device='tpu'"),

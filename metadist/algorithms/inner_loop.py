@@ -10,6 +10,10 @@ Each step may use a minibatch of the support set (rows ``order[step]``) and Adam
 SGD, as Reptile does (Nichol et al. 2018). Adam's moments start at zero for every task, or
 from given ``moments`` (``Moments``: a state carried from task to task, see
 ``CarriedMoments`` in ``meta.py``).
+
+``recompute``: each second-order SGD step is one autograd node that keeps only its inputs
+and runs again during the outer backward (``recompute.py``), so the memory of the outer
+graph stops growing with the number of steps; the meta-gradient is the same.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from metadist.algorithms.recompute import recomputed
 
 Params = dict[str, Tensor]
 Model = Callable[..., Tensor]
@@ -65,6 +71,7 @@ def adapt_with_moments(
     step_rates: Params | None = None,
     step_norms: Params | None = None,
     trajectory: list | None = None,
+    recompute: bool = False,
 ) -> tuple[Params, Moments]:
     """Return ``params`` after ``steps`` steps of ``optimizer`` (``sgd`` or ``adam``) at
     ``lr`` on (x, y), and Adam's state after the last step (SGD: no moments). ``keys``
@@ -78,7 +85,9 @@ def adapt_with_moments(
     [S, ...]: the forward passes of step t (its support loss, and the query after it)
     use ``params``' own entry at t = 0 and row t - 1 from then on (steps past S take the
     last); they are not adapted. The returned parameters carry the last step's.
-    ``trajectory``: a list that gets the parameters after each step."""
+    ``trajectory``: a list that gets the parameters after each step. ``recompute``: a
+    second-order SGD step keeps only its inputs for the outer backward and is recomputed
+    there (first-order steps keep no inner graph and are taken as they are)."""
     keys = list(params) if keys is None else list(keys)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -87,8 +96,18 @@ def adapt_with_moments(
     taken, state = (0, {}) if moments is None else (moments[0], dict(moments[1]))
     if step_norms:
         keys = [k for k in keys if k not in step_norms]
+    recompute = recompute and not first_order and torch.is_grad_enabled()
+    if recompute and optimizer != "sgd":
+        raise ValueError("recompute takes SGD steps; a second-order inner Adam is refused")
     for t in range(steps):
         xs, ys = (x, y) if order is None else (x[order[t]], y[order[t]])
+        if recompute:
+            params = {**params, **_recomputed_sgd_step(
+                model, _norms_at(params, step_norms, t), xs, ys, keys, impl, functional,
+                {k: _rate(k, t, lr, rates, step_rates) for k in keys})}
+            if trajectory is not None:
+                trajectory.append(_norms_at(params, step_norms, t))
+            continue
         grads = _grads(model, _norms_at(params, step_norms, t), xs, ys, keys, first_order,
                        impl, functional)
         if optimizer == "adam":
@@ -99,6 +118,29 @@ def adapt_with_moments(
             trajectory.append(_norms_at(params, step_norms, t))
     return (_norms_at(params, step_norms, steps - 1),
             (taken + steps if optimizer == "adam" else taken, state))
+
+
+def _recomputed_sgd_step(model: Model, params: Params, x: Tensor, y: Tensor,
+                         keys: list[str], impl: str, functional: bool, rates: dict) -> Params:
+    """One second-order SGD step on (x, y) of ``keys`` at ``rates`` (a float or a tensor
+    per key), as a node that keeps its inputs alone and recomputes in the outer backward.
+    Its inputs are every tensor the step reads: all of ``params`` (the batch-norm set of
+    this step among them), the rates that are tensors (Meta-SGD's, LSLR's), and x (ANIL's
+    support features carry the body's gradient)."""
+    names = list(params)
+    learned = [k for k in keys if isinstance(rates[k], Tensor)]
+    fixed = {k: r for k, r in rates.items() if k not in learned}
+
+    def step(x: Tensor, y: Tensor, *tensors: Tensor, create_graph: bool
+             ) -> tuple[Tensor, ...]:
+        p = dict(zip(names, tensors))
+        rate = {**fixed, **dict(zip(learned, tensors[len(names):]))}
+        grads = _grads(model, p, x, y, keys, not create_graph, impl, functional)
+        return tuple(p[k] - rate[k] * grads[k] for k in keys)
+
+    out = recomputed(step, x, y, *params.values(), *(rates[k] for k in learned),
+                     functional=functional)
+    return dict(zip(keys, out))
 
 
 def _norms_at(params: Params, step_norms: Params | None, t: int) -> Params:

@@ -13,6 +13,11 @@ Two interchangeable ways to run the tasks' inner loops:
   against float64 finite differences; the loop and the im2col layers match them, see
   tests/test_meta_gradients.py), and after the first inner
   step every task has its own weights, which vmap would turn into grouped convolutions.
+
+Either path keeps the outer graph of ``chunk`` tasks (the loop: one) at a time, so the
+memory of a meta-gradient is bounded by the chunk, and ``recompute`` bounds what one task
+keeps: its inner steps are recomputed in the outer backward instead of kept
+(``recompute.py``). Neither changes the sums beyond float round-off.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from metadist.algorithms.inner_loop import (
     minibatch_order,
     output_loss,
 )
+from metadist.algorithms.recompute import recomputed
 
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "metasgd", "protonet")
 # Meta-SGD's learned inner learning rates live in the parameters, one tensor per model
@@ -362,10 +368,13 @@ def _task_outcome(
     moments: Moments | None = None,
     ways: int | None = None,
     step_weights: Sequence[float] | None = None,
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
     """Adapt on the support set, starting Adam from ``moments`` (None: zero); return
     (query loss, query accuracy, adapted params, Adam's end moments). ``ways``: the task's
-    classes, where its head is built from the support set."""
+    classes, where its head is built from the support set. ``recompute``: the inner steps,
+    and the multi-step loss's earlier query losses, are recomputed in the outer backward
+    instead of kept."""
     params = task_head(model, params, sx, sy, ways, step.head, impl)
     if step.any_ways:
         # The inner loop starts from the task's head as from a value: its gradient for a
@@ -386,7 +395,8 @@ def _task_outcome(
             options["step_rates"] = {k: params[STEP_RATE_PREFIX + k] for k in head_keys}
         head_params, (_, end) = adapt_with_moments(
             head, {k: params[k] for k in head_keys}, s_feat, sy, first_order=first_order,
-            functional=functional, order=order, moments=moments, **options,
+            functional=functional, order=order, moments=moments, recompute=recompute,
+            **options,
         )
         out = model.head(head_params, q_feat)
         adapted = {**params, **head_params}
@@ -395,20 +405,38 @@ def _task_outcome(
         adapted, (_, end) = adapt_with_moments(
             model, params, sx, sy, first_order=first_order, impl=impl,
             functional=functional, order=order, moments=moments, trajectory=trajectory,
-            **step.adapt_options(params),
+            recompute=recompute, **step.adapt_options(params),
         )
         out = model(adapted, qx, impl)
     loss = output_loss(out, qy)
     if step_weights is not None and trajectory:
         if len(step_weights) != len(trajectory):
             raise ValueError(f"{len(step_weights)} step weights for {len(trajectory)} steps")
-        loss = sum(w * output_loss(model(p, qx, impl), qy)
+
+        def query_loss(params: Params) -> Tensor:
+            if recompute and not first_order:
+                return _recomputed_query_loss(model, params, qx, qy, impl, functional)
+            return output_loss(model(params, qx, impl), qy)
+
+        loss = sum(w * query_loss(p)
                    for w, p in zip(step_weights[:-1], trajectory[:-1])) + step_weights[-1] * loss
     if qy.dtype == torch.int64:
         acc = (out.argmax(-1) == qy).float().mean()
     else:
         acc = torch.zeros((), dtype=out.dtype, device=out.device)
     return loss, acc, adapted, end
+
+
+def _recomputed_query_loss(model: Model, params: Params, qx: Tensor, qy: Tensor,
+                           impl: str, functional: bool) -> Tensor:
+    """The query loss at ``params``, keeping only its inputs for the outer backward (the
+    multi-step loss's query losses after the earlier inner steps)."""
+    names = list(params)
+
+    def loss(qx: Tensor, qy: Tensor, *values: Tensor, create_graph: bool) -> tuple[Tensor]:
+        return (output_loss(model(dict(zip(names, values)), qx, impl), qy),)
+
+    return recomputed(loss, qx, qy, *params.values(), functional=functional)[0]
 
 
 def meta_gradient(
@@ -422,10 +450,14 @@ def meta_gradient(
     order: Tensor | None = None,
     carried: CarriedMoments | None = None,
     step_weights: Sequence[float] | None = None,
+    recompute: bool = False,
 ) -> tuple[Params, dict[str, float]]:
     """Sum over the batch's tasks of each task's meta-gradient, and summed metrics.
     ``step_weights``: MAML++'s multi-step loss, the query loss after each inner step
     weighted (``multi_step_weights``); None: the query loss after the last step.
+    ``chunk``: vmap's tasks per call (0: all), each chunk's outer graph built, summed and
+    freed before the next; the loop takes one task at a time. ``recompute``: second-order
+    inner steps are recomputed in the outer backward instead of kept (``recompute.py``).
 
     MAML/FOMAML/ANIL: the gradient of the query loss after adaptation. Reptile: θ - φ,
     so that an SGD outer step of rate β moves θ by β(φ - θ). ``order``: each task's inner
@@ -458,7 +490,7 @@ def meta_gradient(
         else:
             losses, accs, _, end = _run_tasks(
                 model, params, sx, sy, qx, qy, step, inner_loop, outer_graph=True, order=o,
-                moments=start, step_weights=step_weights,
+                moments=start, step_weights=step_weights, recompute=recompute,
             )
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
             for i, g in enumerate(grads):
@@ -527,6 +559,7 @@ def _run_tasks(
     order: Tensor | None = None,
     moments: Moments | None = None,
     step_weights: Sequence[float] | None = None,
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
     """Per-task (loss [T], accuracy [T], adapted params [T, ...], Adam's end moments
     [T, ...]) for a slice of tasks, each starting Adam from ``moments``."""
@@ -541,7 +574,7 @@ def _run_tasks(
             for t in range(sx.shape[0]):
                 loss, acc, adapted, end = _task_outcome(
                     model, params, sx[t], sy[t], qx[t], qy[t], step, impl, False, first_order,
-                    None if order is None else order[t], moments, ways, step_weights,
+                    None if order is None else order[t], moments, ways, step_weights, recompute,
                 )
                 if not outer_graph:
                     loss, acc = loss.detach(), acc.detach()
@@ -559,7 +592,7 @@ def _run_tasks(
     def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, order: Tensor | None
                  ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
         return _task_outcome(model, params, sx, sy, qx, qy, step, impl, True, first_order,
-                             order, moments, ways, step_weights)
+                             order, moments, ways, step_weights, recompute)
 
     grad_mode: Callable = torch.enable_grad if outer_graph else torch.no_grad
     in_dims = (0, 0, 0, 0, None if order is None else 0)

@@ -48,6 +48,7 @@ from metadist.training.distributed import (
     shard_bounds,
 )
 from metadist.training.evaluate import episode_scores, protocol, summarize
+from metadist.training.memory import MemoryBudgetError, chunk_for_budget, peak_memory
 from metadist.training.runtime import check_finite, resolve_device, seed_everything
 from metadist.training.signals import Stopped, sigterm_deferred
 from metadist.training.streams import Streams, episode_batch, open_streams
@@ -164,14 +165,21 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
         return torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=cfg.train.precision == "bf16")
 
-    inner_loop = cfg.train.inner_loop
-    if inner_loop == "auto" and not meta_step.is_first_order \
+    # How the tasks run: the inner-loop path, and how many tasks at a time (a memory
+    # budget measures what fits); both are measured on rank 0 and agreed by every worker.
+    recompute = cfg.train.recompute_inner
+    paths = ("loop", "vmap") if cfg.train.inner_loop == "auto" else (cfg.train.inner_loop,)
+    if paths == ("loop", "vmap") and not meta_step.is_first_order \
             and not second_order_under_vmap(model):
-        inner_loop = "loop"  # no im2col layers to run second order under vmap on
-    if inner_loop == "auto":
-        with autocast():
-            inner_loop = agree_on_inner_loop(model, params, streams, meta_step, cfg,
-                                             max(hi - lo, 1), device)
+        paths = ("loop",)  # no im2col layers to run second order under vmap on
+    with autocast():
+        chunks = {path: cfg.train.chunk for path in paths}
+        if cfg.train.max_memory_gb is not None:
+            chunks = agree_on_chunks(model, params, streams, meta_step, cfg, max(hi - lo, 1),
+                                     device, paths)
+        inner_loop = next(iter(chunks)) if len(chunks) == 1 else agree_on_inner_loop(
+            model, params, streams, meta_step, cfg, max(hi - lo, 1), device, chunks)
+    chunk = chunks[inner_loop]
 
     def checkpoint(step: int, name: str) -> Path | None:
         return files.checkpoint(name, lambda: {
@@ -193,7 +201,7 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
         e_lo, e_hi = shard_bounds(episodes, rank, world)
         loss, acc, classification = episode_scores(
             model, params, source, test_step, start=e_lo, stop=e_hi,
-            batch_size=cfg.eval.batch_size, inner_loop=inner_loop, chunk=cfg.train.chunk,
+            batch_size=cfg.eval.batch_size, inner_loop=inner_loop, chunk=chunk,
             device=device, order_seed=cfg.eval.seed, carried=carried,
         )
         full = torch.zeros(2, episodes, dtype=torch.float64)
@@ -219,8 +227,8 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
             with autocast():
                 this_step = early_step if step < cfg.algorithm.first_order_steps else meta_step
                 grads, sums = meta_gradient(
-                    model, params, batch, this_step, inner_loop=inner_loop,
-                    chunk=cfg.train.chunk, order=order, carried=carried,
+                    model, params, batch, this_step, inner_loop=inner_loop, chunk=chunk,
+                    order=order, carried=carried, recompute=recompute,
                     step_weights=multi_step_weights(meta_step.inner_steps, step,
                                                     cfg.algorithm.msl_steps),
                 )
@@ -297,7 +305,7 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
         result = last_val or evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
     result.update(
         run_dir=str(files.root), checkpoint=str(files.root / "checkpoints" / "final.pt"),
-        inner_loop=inner_loop, train_seconds=train_seconds, steps=cfg.train.steps,
+        inner_loop=inner_loop, chunk=chunk, train_seconds=train_seconds, steps=cfg.train.steps,
         resumed_from_step=start, device=str(device), workers=world,
         data_wait_fraction=waited / max(train_seconds, 1e-9),
     )
@@ -416,30 +424,95 @@ def restore(path, model, params, optimizer, schedule=None, carried: CarriedMomen
     return int(state["step"]), list(state.get("history", []))
 
 
+def probe_batch(streams: Streams, step: MetaStep, cfg: Config, tasks: int,
+                device: torch.device) -> tuple[MetaBatch, torch.Tensor | None]:
+    """The first ``tasks`` training tasks and their inner minibatches: what rank 0
+    measures the paths on before the run (reading them draws no random numbers)."""
+    probe = MetaBatch(*(t.to(device) for t in episode_batch(streams.train, 0, tasks)))
+    order = step.minibatches(probe.support_x.shape[1], cfg.train.seed,
+                             range(probe.support_x.shape[0]), device)
+    return probe, order
+
+
 def agree_on_inner_loop(model, params, streams: Streams, step: MetaStep, cfg: Config,
-                        tasks: int, device: torch.device) -> str:
+                        tasks: int, device: torch.device, chunks: dict[str, int]) -> str:
     """``train.inner_loop=auto``: rank 0 (which always has tasks) times both paths on a
-    real batch of its size; every worker must then run the path it picked."""
+    real batch of its size, vmap at ``chunks["vmap"]`` tasks per call; every worker must
+    then run the path it picked."""
     rank, _ = rank_and_world()
     choice = torch.tensor([0.0])
     if rank == 0:
-        probe = MetaBatch(*(t.to(device) for t in episode_batch(streams.train, 0, tasks)))
-        order = step.minibatches(probe.support_x.shape[1], cfg.train.seed,
-                                 range(probe.support_x.shape[0]), device)
-        picked = pick_inner_loop(model, params, probe, step, cfg.train.chunk, order)
+        probe, order = probe_batch(streams, step, cfg, tasks, device)
+        picked = pick_inner_loop(model, params, probe, step, chunks["vmap"], order,
+                                 recompute=cfg.train.recompute_inner)
         choice[0] = float(picked == "vmap")
     return "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 
 
+def agree_on_chunks(model, params, streams: Streams, step: MetaStep, cfg: Config,
+                    tasks: int, device: torch.device, paths: tuple[str, ...]) -> dict[str, int]:
+    """``train.max_memory_gb``: rank 0 measures the peak memory of one task's
+    meta-gradient on each of ``paths`` (``metadist.training.memory``); every worker gets,
+    for each path that fits the budget, the tasks per chunk (the loop: 1). No path fits:
+    every worker raises MemoryBudgetError with the smallest measured need."""
+    rank, _ = rank_and_world()
+    budget = cfg.train.max_memory_gb
+    measured = torch.zeros(2 * len(paths), dtype=torch.float64)  # (chunk, need) per path
+    what = ""
+    if rank == 0:
+        probe, order = probe_batch(streams, step, cfg, 1, device)
+        notes = []
+        for i, path in enumerate(paths):
+            need, what = one_task_peak(
+                model, params, probe, step, path, order, cfg.train.recompute_inner, device,
+                multi_step_weights(step.inner_steps, 0, cfg.algorithm.msl_steps))
+            try:  # the loop takes one task at a time
+                chunk = chunk_for_budget(budget, need, tasks if path == "vmap" else 1)
+            except MemoryBudgetError:
+                chunk = 0
+            measured[2 * i], measured[2 * i + 1] = chunk, need
+            notes.append(f"{path} {need / 1e9:.3g} GB -> " + (
+                f"{chunk} of {tasks} tasks at a time" if chunk else "does not fit"))
+        tqdm.write(f"memory (train.max_memory_gb={budget:g}, one task's meta-gradient, "
+                   f"{what}" + (", inner steps recomputed" if cfg.train.recompute_inner
+                                else "") + "): " + "; ".join(notes))
+    measured = all_reduce_sum([measured])[0]
+    chunks = {path: int(measured[2 * i].item()) for i, path in enumerate(paths)
+              if measured[2 * i].item() > 0}
+    if not chunks:
+        need = min(measured[2 * i + 1].item() for i in range(len(paths)))
+        chunk_for_budget(budget, int(need), tasks, what or "measured on rank 0")  # raises
+    return chunks
+
+
+def one_task_peak(model, params, batch: MetaBatch, step: MetaStep, inner_loop: str,
+                  order: torch.Tensor | None, recompute: bool, device: torch.device,
+                  step_weights: list[float] | None = None) -> tuple[int, str]:
+    """The peak memory (bytes) of the meta-gradient of ``batch``'s first task on
+    ``inner_loop``, after a warm-up run (caches that a run keeps anyway are not counted),
+    and what was measured. ``step_weights``: the multi-step loss of the first meta-steps,
+    which keeps a query graph per inner step."""
+    one = MetaBatch(*(t[:1] for t in batch))
+    order = None if order is None else order[:1]
+
+    def run():
+        return meta_gradient(model, params, one, step, inner_loop=inner_loop, order=order,
+                             recompute=recompute, step_weights=step_weights)
+
+    run()
+    _, need, what = peak_memory(run, device)
+    return need, what
+
+
 def pick_inner_loop(model, params, batch: MetaBatch, step: MetaStep, chunk: int,
-                    order: torch.Tensor | None = None) -> str:
+                    order: torch.Tensor | None = None, recompute: bool = False) -> str:
     """Time one meta-gradient of each path on a real batch and keep the faster one."""
     timings = {}
     for inner_loop in ("loop", "vmap"):
         for _ in range(2):  # a warm-up, then the timed one
             t0 = time.perf_counter()
             meta_gradient(model, params, batch, step, inner_loop=inner_loop, chunk=chunk,
-                          order=order)
+                          order=order, recompute=recompute)
         timings[inner_loop] = time.perf_counter() - t0
     best = min(timings, key=timings.get)
     tqdm.write(
