@@ -245,6 +245,7 @@ def resumable_sweep(tmp_path: Path, steps: int, trials: int) -> tuple[list[str],
             f"tracking.tracking_uri={uri}"], uri
 
 
+@pytest.mark.slow  # over a minute; the SIGTERM test below resumes a sweep in the default run
 def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     args, uri = resumable_sweep(tmp_path, steps=300, trials=4)
     trials = tmp_path / "sweeps" / "tune_sinusoid_maml" / "trials"
@@ -281,7 +282,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     assert len(summary["trials"]) == 4 and all(t["steps_done"] == 300 for t in summary["trials"])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM,
+                                    pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signalled_sweep_stops_unsummarised_and_resumes(signum, tmp_path):
     # `metadist jobs stop` and a preempting scheduler send SIGTERM to the driver alone;
     # Ctrl-C sends SIGINT. Either must leave a resumable sweep, not a finished-looking one.
