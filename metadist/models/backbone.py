@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from metadist.models import layers
+
 Params = dict[str, Tensor]
 
 TORCHVISION, PYTHON = "torchvision:", "python:"
@@ -137,11 +139,7 @@ class ModuleBackbone:
                 torch.manual_seed(seed)
                 module = self._prepared()
         params = {k: v.detach() for k, v in module.named_parameters()}
-        head = torch.empty(self.ways, self.feature_dim)
-        torch.nn.init.xavier_uniform_(head, generator=generator)
-        params["head.weight"] = head
-        params["head.bias"] = torch.zeros(self.ways)
-        return params
+        return {**params, **layers.head_params(self.ways, self.feature_dim, generator)}
 
     def features(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
         if impl != "native":
@@ -155,7 +153,7 @@ class ModuleBackbone:
                                           (x,), strict=True)
 
     def head(self, params: Params, features: Tensor) -> Tensor:
-        return features @ params["head.weight"].t() + params["head.bias"]
+        return layers.head(params, features)
 
     def __call__(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
         return self.head(params, self.features(params, x, impl))

@@ -64,11 +64,7 @@ class Conv4:
             params[f"bn{i}.weight"] = torch.ones(self.hidden)
             params[f"bn{i}.bias"] = torch.zeros(self.hidden)
             channels = self.hidden
-        head = torch.empty(self.ways, self.feature_dim)
-        torch.nn.init.xavier_uniform_(head, generator=generator)
-        params["head.weight"] = head
-        params["head.bias"] = torch.zeros(self.ways)
-        return params
+        return {**params, **layers.head_params(self.ways, self.feature_dim, generator)}
 
     def features(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
         stride = 2 if self.pool == "stride" else 1
@@ -85,7 +81,7 @@ class Conv4:
         return h.flatten(1)
 
     def head(self, params: Params, features: Tensor) -> Tensor:
-        return features @ params["head.weight"].t() + params["head.bias"]
+        return layers.head(params, features)
 
     def __call__(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
         return self.head(params, self.features(params, x, impl))

@@ -77,6 +77,19 @@ def max_pool2(x: Tensor, impl: str) -> Tensor:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).amax(dim=(2, 4))
 
 
+def head_params(ways: int, features: int, generator: torch.Generator | None = None
+                ) -> dict[str, Tensor]:
+    """The linear head every few-shot model ends in: ``head.weight`` [ways, features]
+    Xavier-initialised, ``head.bias`` zero."""
+    weight = torch.empty(ways, features)
+    torch.nn.init.xavier_uniform_(weight, generator=generator)
+    return {"head.weight": weight, "head.bias": torch.zeros(ways)}
+
+
+def head(params: dict[str, Tensor], features: Tensor) -> Tensor:
+    return features @ params["head.weight"].t() + params["head.bias"]
+
+
 def to_layout(x: Tensor, impl: str) -> Tensor:
     """NCHW input to the layout ``impl`` computes in."""
     return x if impl == "native" else x.permute(0, 2, 3, 1)

@@ -92,11 +92,7 @@ class ResNet12:
             conv(f"layer{block}.downsample.0.weight", width, channels, 1)
             norm(f"layer{block}.downsample.1", width)
             channels = width
-        head = torch.empty(self.ways, self.feature_dim)
-        torch.nn.init.xavier_uniform_(head, generator=generator)
-        params["head.weight"] = head
-        params["head.bias"] = torch.zeros(self.ways)
-        return params
+        return {**params, **layers.head_params(self.ways, self.feature_dim, generator)}
 
     def features(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
         h = layers.to_layout(x, impl)
@@ -116,7 +112,7 @@ class ResNet12:
         return layers.to_nchw(h, impl).mean(dim=(2, 3))
 
     def head(self, params: Params, features: Tensor) -> Tensor:
-        return features @ params["head.weight"].t() + params["head.bias"]
+        return layers.head(params, features)
 
     def __call__(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
         return self.head(params, self.features(params, x, impl))
