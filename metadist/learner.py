@@ -5,13 +5,13 @@
     adapted = learner.adapt(support_images, support_labels)
     adapted.predict(query_images)
 
-Images may be file paths, PIL images or arrays of any size; they are decoded, resized and
-normalised exactly as the training data was. Labels may be any hashable values (class
-names). A model whose head is built from each support set (prototypical networks,
-``algorithm.head_init`` prototypes or zero) takes tasks with any number of classes; one
-with a meta-learned head takes exactly as many as it was trained on. Batch norm uses
-each batch's own statistics, as in training (transductive): predict a task's queries
-together, not one image at a time.
+Images may be file paths, encoded image files (bytes), PIL images or arrays of any size;
+they are decoded, resized and normalised exactly as the training data was. Labels may be
+any hashable values (class names). A model whose head is built from each support set
+(prototypical networks, ``algorithm.head_init`` prototypes or zero) takes tasks with any
+number of classes; one with a meta-learned head takes exactly as many as it was trained
+on. Batch norm uses each batch's own statistics, as in training (transductive): predict a
+task's queries together, not one image at a time.
 """
 
 from __future__ import annotations

@@ -87,9 +87,11 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def load_image(item: object, channels: int, size: int) -> torch.Tensor:
-    """A file path, PIL image or array (H, W[, C], uint8 or floats in [0, 1]) as the uint8
-    [C, size, size] tensor the stored images decode to."""
-    if isinstance(item, str | os.PathLike):
+    """A file path, encoded image file (bytes), PIL image or array (H, W[, C], uint8 or
+    floats in [0, 1]) as the uint8 [C, size, size] tensor the stored images decode to."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        item = io.BytesIO(item)
+    if isinstance(item, str | os.PathLike | io.BytesIO):
         with Image.open(item) as im:
             im.load()
             image = im
