@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue from this checkpoint (same as resume=PATH)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("pretrain", help="supervised pre-training of the backbone on every "
+                       "training class (the config's pretrain: section), then meta-test it "
+                       "with a prototype head")
+    p.add_argument("config", help="YAML config (see configs/*_pretrain_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.epochs=10")
+    p.add_argument("--resume", help="continue from this pre-training checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("tune", help="sweep the config's tune.space with Ray Tune, then "
                        "meta-test and register the best")
     p.add_argument("config", help="YAML config with a tune: section (see configs/tune_*.yaml)")
@@ -108,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synthetic)
     add_cluster_commands(sub)
     add_job_commands(sub)
+    add_serve_command(sub)
     return parser
 
 
@@ -121,6 +130,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         config.resume = args.resume
     print_result(tracked_training(config))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from metadist.launch.run import tracked_pretraining
+
+    config = load_config(resolve_config(args.config), args.overrides)
+    if args.resume:
+        config.resume = args.resume
+    print_result(tracked_pretraining(config))
     return 0
 
 
@@ -414,6 +433,41 @@ def cmd_jobs(args: Any) -> int:
             time.sleep(0.5)
     print(f"{args.job_id}: {jobs.status(args.job_id)}")
     return 0
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def add_serve_command(sub: Any) -> None:
+    p = sub.add_parser("serve", help="answer few-shot tasks over HTTP (Ray Serve) with a "
+                       "trained model, until Ctrl-C")
+    p.add_argument("model_uri", metavar="MODEL_URI", help="a checkpoint file, or an MLflow "
+                   "model: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on "
+                   "(default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas, 1 CPU each (default 1)")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="tasks of concurrent requests answered as one batch (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits to fill (default 5)")
+    p.add_argument("--cache-mb", type=float, default=256.0, help="adapted models kept per "
+                   "replica for repeated support sets, in MB (default 256; 0: none)")
+    p.add_argument("--address", help="a Ray cluster's address (HOST:6379, ray://HOST:10001) "
+                   "to serve on (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--token-file", help="the cluster's Ray auth token (default: "
+                   "$RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: Any) -> int:
+    from metadist.launch.serve import serve_model
+
+    return serve_model(
+        args.model_uri, host=args.host, port=args.port, replicas=args.replicas,
+        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        cache_mb=args.cache_mb, address=args.address, token_file=args.token_file,
+    )
 
 
 def _short(text: str | None, width: int = 90) -> str:

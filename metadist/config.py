@@ -54,6 +54,9 @@ class ModelConfig:
     mlp_hidden: list[int] = field(default_factory=lambda: [40, 40])
     # resnet12: the four residual blocks' widths (MetaOptNet's, Meta-Baseline's default)
     widths: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
+    # A checkpoint (of `metadist pretrain`, or any metadist run) whose parameters start
+    # the backbone: every parameter but the head; None: the seeded initialisation.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -132,6 +135,9 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "metadist"
     run_name: str | None = None
+    # `metadist train`: register the trained model in the Model Registry under this name
+    # (an MLflow pyfunc model, a new version per run); empty: do not register.
+    register_model: str = ""
 
 
 @dataclass
@@ -177,6 +183,40 @@ class TuneConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Supervised pre-training (`metadist pretrain`, docs/pretraining.md): the backbone and
+    a linear classifier over every class of data.train_split, data-parallel. The run's
+    seed, device, threads, output directory and log interval are train.*'s; its few-shot
+    validation and test follow data.*, algorithm.* (a prototype head) and eval.*."""
+
+    epochs: int = 100  # passes over the training split's images
+    steps: int | None = None  # batches in all; None: epochs x batches per epoch
+    batch_size: int = 128  # images per step, over all workers (the last partial one dropped)
+    # Images per forward pass and per batch-norm statistics: the batch is cut into these
+    # whatever the number of workers, which share them out, so 1 and N workers compute the
+    # same; 0: the whole batch at once (one worker).
+    micro_batch: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4  # on every parameter, as Meta-Baseline's and MetaOptNet's SGD
+    schedule: str = "step"  # step (lr x gamma at each milestone) | cosine (to 0) | constant
+    milestones: list[int] = field(default_factory=lambda: [90])  # epochs
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    # auto (none for 1-channel images, crop_flip for RGB) | none | crop_flip (zero-padded
+    # random crop and horizontal flip) | resized_crop_flip (random resized crop and flip)
+    augment: str = "auto"
+    crop_padding: int = 8  # crop_flip's padding on each side, pixels
+    # resnet12: DropBlock (MetaOptNet's) after blocks 3 and 4, its drop rate rising linearly
+    # from 0 to this over the run; 0: off. Never at evaluation, never in meta-training.
+    dropblock_rate: float = 0.0
+    dropblock_size: int = 5
+    val_every: float = 5.0  # epochs between few-shot validations (prototype head); 0: none
+    checkpoint_every: float = 5.0  # epochs between checkpoints; 0: the final one only
+
+
+@dataclass
 class Config:
     name: str = MISSING
     workers: int = 1
@@ -189,6 +229,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 class ConfigError(ValueError):
@@ -314,7 +355,7 @@ def flatten(config: Config) -> dict[str, Any]:
 # Fields that name places on disk, relative to the working directory of the process that
 # reads them: a Tune trial or a job on the local cluster runs in another one.
 PATH_KEYS = ("data.dataset", "data.decode_cache", "train.output_dir", "ray.storage_path",
-             "resume", "tune.storage_path")
+             "resume", "tune.storage_path", "model.pretrained")
 
 
 def absolute_paths(config: Config) -> dict[str, str]:
@@ -388,6 +429,7 @@ def validate(config: Config) -> None:
     _validate_inner_loop(config)
     _validate_memory(config)
     _refuse_credentials(config)
+    _validate_model_names(config)
     final = config.algorithm.outer_lr_final
     if final is not None and not 0 <= final <= config.algorithm.outer_lr:
         raise ConfigError(f"algorithm.outer_lr_final={final} must lie in [0, algorithm.outer_lr="
@@ -404,6 +446,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"data.decode_cache_max_gb={cap} caps the decode cache, and "
                               "data.decode_cache is not set (name a node-local directory)")
     _validate_heads(config)
+    _validate_pretrain(config)
     if config.algorithm.msl_steps and config.algorithm.name not in ("maml", "fomaml", "metasgd"):
         raise ConfigError(
             f"algorithm.msl_steps={config.algorithm.msl_steps} weights the query loss after "
@@ -460,6 +503,23 @@ def _refuse_credentials(config: Config) -> None:
                 "are recorded with every run. Give them to the client instead: for MLflow "
                 "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, for object stores the "
                 "cloud SDK's environment (AWS_ACCESS_KEY_ID, ...), for Ray its token file")
+
+
+def _validate_model_names(config: Config) -> None:
+    """Model Registry names as MLflow takes them (``_validate_model_name`` in
+    ``mlflow.utils.validation``): refused here, before training, not after it."""
+    names = {"tracking.register_model": config.tracking.register_model,
+             "tune.model_name": config.tune.model_name}
+    for key, name in names.items():
+        if not name:
+            continue
+        if not name.strip() or any(c in name for c in "/:") or name.strip() in (".", ".."):
+            raise ConfigError(f"{key}={name!r} is not a Model Registry name: it may not be "
+                              "blank, '.' or '..', nor contain '/' or ':'")
+    if config.tracking.register_model and not config.tracking.enabled:
+        raise ConfigError(f"tracking.register_model={config.tracking.register_model!r} "
+                          "registers the model in MLflow, and tracking.enabled=false: "
+                          "enable tracking, or drop tracking.register_model")
 
 
 def _validate_model(config: Config) -> None:
@@ -539,6 +599,82 @@ def _validate_heads(config: Config) -> None:
             f"data.train_ways={ways} differs from data.ways={config.data.ways}, and "
             f"algorithm.name={step.algorithm!r} meta-learns a head of data.ways outputs: "
             "set algorithm.head_init=prototypes (Proto-MAML) or zero, or drop data.train_ways")
+
+
+PRETRAIN_SCHEDULES = ("step", "cosine", "constant")
+PRETRAIN_AUGMENTATIONS = ("auto", "none", "crop_flip", "resized_crop_flip")
+
+
+def _validate_pretrain(config: Config) -> None:
+    """The ``pretrain`` section's values (checked for every config, like every section)."""
+    p = config.pretrain
+    for key, value, allowed in (("schedule", p.schedule, PRETRAIN_SCHEDULES),
+                                ("augment", p.augment, PRETRAIN_AUGMENTATIONS)):
+        if value not in allowed:
+            raise ConfigError(f"pretrain.{key}={value!r} is not one of {list(allowed)}")
+    for key, value, low in (("epochs", p.epochs, 1), ("steps", p.steps, 1),
+                            ("batch_size", p.batch_size, 1), ("micro_batch", p.micro_batch, 0),
+                            ("crop_padding", p.crop_padding, 0),
+                            ("dropblock_size", p.dropblock_size, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"pretrain.{key}={value} must be >= {low}")
+    if not (math.isfinite(p.lr) and p.lr > 0):
+        raise ConfigError(f"pretrain.lr={p.lr} must be a finite number > 0")
+    if not 0 < p.gamma <= 1:
+        raise ConfigError(f"pretrain.gamma={p.gamma} must lie in (0, 1] (the factor of the "
+                          "rate at each milestone)")
+    below = {"momentum": (p.momentum, 1), "label_smoothing": (p.label_smoothing, 1),
+             "dropblock_rate": (p.dropblock_rate, 1), "weight_decay": (p.weight_decay, math.inf),
+             "val_every": (p.val_every, math.inf),
+             "checkpoint_every": (p.checkpoint_every, math.inf)}
+    for key, (value, high) in below.items():
+        if not (math.isfinite(value) and 0 <= value < high):
+            raise ConfigError(f"pretrain.{key}={value} must be " + (
+                f"in [0, {high})" if high < math.inf else "a finite number >= 0"))
+    if p.nesterov and not p.momentum > 0:
+        raise ConfigError(f"pretrain.nesterov=true needs momentum, and pretrain.momentum="
+                          f"{p.momentum}: set pretrain.momentum (0.9) or nesterov=false")
+    milestones = list(p.milestones)
+    if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+        raise ConfigError(f"pretrain.milestones={milestones} must be increasing epochs >= 1")
+    if p.dropblock_rate > 0 and config.model.name != "resnet12":
+        raise ConfigError(f"pretrain.dropblock_rate={p.dropblock_rate} drops blocks of "
+                          f"ResNet-12's last two stages, and model.name={config.model.name!r}"
+                          " has none: use model.name=resnet12, or pretrain.dropblock_rate=0")
+
+
+def check_pretraining(config: Config) -> None:
+    """What ``metadist pretrain`` needs beyond a valid config: images, and a few-shot head
+    built per task for its validation and test episodes (the classifier's head has one
+    output per training class, not ``data.ways``)."""
+    from metadist.algorithms.meta import MetaStep
+
+    if config.data.dataset == "sinusoid" or config.model.name == "mlp":
+        raise ConfigError(f"data.dataset={config.data.dataset!r} with model.name="
+                          f"{config.model.name!r}: pre-training classifies the images of a "
+                          "converted dataset; set data.dataset to one, and an image model")
+    step = MetaStep.from_config(config.algorithm, test=True)
+    if not step.any_ways:
+        raise ConfigError(
+            f"algorithm.name={step.algorithm!r} with a learned head: the pre-trained model's "
+            "head has one output per training class, and the few-shot episodes it is "
+            f"validated and tested on have data.ways={config.data.ways}: set "
+            "algorithm.name=protonet (a prototype head on the pre-trained backbone), or "
+            "algorithm.head_init=prototypes to fine-tune from one")
+    p = config.pretrain
+    micro_batches = -(-p.batch_size // (p.micro_batch or p.batch_size))
+    if uses_ray(config) and config.workers > micro_batches:
+        raise ConfigError(
+            f"workers={config.workers} share each batch of pretrain.batch_size={p.batch_size} "
+            f"by micro-batches, and pretrain.micro_batch={p.micro_batch} makes "
+            f"{micro_batches}: set pretrain.micro_batch to {p.batch_size // config.workers} "
+            "or less (a micro-batch is a batch-norm statistics' group, so the result does "
+            "not depend on the workers)")
+    for key in ("lslr", "per_step_bn"):
+        if getattr(config.algorithm, key):
+            raise ConfigError(f"algorithm.{key}=true adds parameters that meta-training "
+                              "learns, and pre-training has none to learn: drop it here, and "
+                              "set it in the meta-training run that starts from the backbone")
 
 
 def _validate_algorithm(algorithm: AlgorithmConfig) -> None:

@@ -1,8 +1,8 @@
-"""MLflow tracking of a run: params (the flattened config), tags, curves, artifacts,
-models. The only module of metadist that imports MLflow: every run, sweep and trial opens
-its MLflow run through ``tracked_run``, and the launchers' other MLflow operations (a
-sweep's trials, a reproduced row's extra metrics, the registered model) are functions
-here.
+"""MLflow tracking of a run: params (the flattened config), tags, curves, artifacts.
+With ``serving.mlflow_model`` (the registered pyfunc model) the only module of metadist
+that imports MLflow: every run, sweep and trial opens its MLflow run through
+``tracked_run``, and the launchers' other MLflow operations (a sweep's trials, a
+reproduced row's extra metrics) are functions here.
 
 The embedded default is a SQLite store in the working directory (MLflow 3 refuses a bare
 file store); ``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` point elsewhere, e.g.
@@ -29,12 +29,14 @@ from filelock import FileLock
 from metadist.config import Config, flatten, redact
 
 
-def resolve_tracking_uri(config: Config) -> str:
+def resolve_tracking_uri(config: Config | None = None) -> str:
     """The store's URI, without credentials: a ``user:password@`` in
     ``$MLFLOW_TRACKING_URI`` moves to MLflow's own ``MLFLOW_TRACKING_USERNAME`` /
     ``MLFLOW_TRACKING_PASSWORD`` (basic auth), so the URI can be printed and recorded.
-    (A config's URI cannot carry them: ``config.validate`` refuses it.)"""
-    uri = (config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    (A config's URI cannot carry them: ``config.validate`` refuses it.) No config: the
+    environment's store, else the default."""
+    uri = ((config.tracking.tracking_uri if config is not None else None)
+           or os.environ.get("MLFLOW_TRACKING_URI")
            or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https") and (parts.username or parts.password):
@@ -56,6 +58,32 @@ def artifact_root(uri: str) -> str | None:
 
 class TrackingError(RuntimeError):
     pass
+
+
+# The experiment tag MLflow 3 keeps an experiment's kind in, and the kind of model
+# training ("Machine learning"; genai_development is for the traces and evaluations of LLM
+# apps). The UI's experiment-kind selector writes it and the UI opens an experiment on its
+# runs or on its traces by it; MLflow 3.17's UI instead follows its sidebar switch (GenAI /
+# Model training, kept by the browser), which docs/tracking.md has the user set.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
+def mark_model_training(uri: str, experiment) -> None:
+    """Tag ``experiment`` (an ``mlflow.entities.Experiment``) as a model-training one,
+    once: an experiment created elsewhere (by ``set_experiment``, on a server, before
+    metadist tagged experiments) gets the tag at its first metadist run, and a kind
+    someone already set is kept. Only warns on failure: a server may refuse the edit."""
+    if EXPERIMENT_KIND in experiment.tags:
+        return
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND,
+                                             MODEL_TRAINING)
+    except Exception as err:
+        warnings.warn(f"MLflow experiment {experiment.name!r}: could not tag it as model "
+                      f"training ({err})", stacklevel=3)
 
 
 def first_use_lock(uri: str) -> contextlib.AbstractContextManager:
@@ -142,13 +170,15 @@ class MLflowTracker:
                 root = artifact_root(self.uri)
                 if root is not None and mlflow.get_experiment_by_name(name) is None:
                     folder = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # one plain folder
-                    mlflow.create_experiment(name, artifact_location=f"{root}/{folder}")
-                mlflow.set_experiment(name)
+                    mlflow.create_experiment(name, artifact_location=f"{root}/{folder}",
+                                             tags={EXPERIMENT_KIND: MODEL_TRAINING})
+                experiment = mlflow.set_experiment(name)
         except Exception as err:
             raise TrackingError(
                 f"MLflow tracking store {redact(self.uri)!r} is not usable: {err}. Set "
                 "tracking.tracking_uri / MLFLOW_TRACKING_URI, or tracking.enabled=false."
             ) from None
+        mark_model_training(self.uri, experiment)
 
     def __enter__(self) -> MLflowTracker:
         cfg = self.config
@@ -159,7 +189,7 @@ class MLflowTracker:
             run_name=cfg.tracking.run_name or cfg.name, parent_run_id=self.parent_run_id,
             nested=self.parent_run_id is not None, tags=self.tags,
         )
-        self.mlflow.log_params(run_params(cfg))
+        self.mlflow.log_params(run_params(cfg, pretraining=self.tags.get("stage") == "pretrain"))
         self.mlflow.set_tags(run_tags(cfg))
         return self
 
@@ -227,18 +257,6 @@ class MLflowTracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.mlflow.set_tags(tags)
-
-    def log_model(self, module, name: str, *, code_paths: list[str],
-                  pip_requirements: list[str]) -> dict[str, Any]:
-        """``module`` as an MLflow PyTorch model of this run, registered as ``name``."""
-        info = self.mlflow.pytorch.log_model(
-            module, name="model", registered_model_name=name,
-            # Adapting runs autograd inside forward, which torch.export's pt2 cannot hold.
-            serialization_format="pickle", code_paths=code_paths,
-            pip_requirements=pip_requirements,
-        )
-        version = info.registered_model_version
-        return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         try:
@@ -326,9 +344,11 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float],
                       stacklevel=2)
 
 
-def run_params(config: Config) -> dict[str, str]:
-    """The flattened config as MLflow params; the ``tune`` section belongs to sweeps."""
-    return {k: str(v) for k, v in flatten(config).items() if not k.startswith("tune.")}
+def run_params(config: Config, pretraining: bool = False) -> dict[str, str]:
+    """The flattened config as MLflow params: the sections the run used (``tune`` belongs
+    to sweeps, ``pretrain`` to pre-training runs)."""
+    unused = ("tune.",) if pretraining else ("tune.", "pretrain.")
+    return {k: str(v) for k, v in flatten(config).items() if not k.startswith(unused)}
 
 
 def run_tags(config: Config, where: Path | None = None) -> dict[str, Any]:
@@ -439,3 +459,48 @@ def _git(where: Path, *args: str) -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout if out.returncode == 0 else ""
+
+
+# -- a served model's checkpoint --------------------------------------------------------
+
+MODEL_URI_PREFIXES = ("models:/", "runs:/")
+CHECKPOINT_ARTIFACT = "checkpoint"  # serving.mlflow_model's artifact key (ARTIFACT there)
+
+
+def download_model_checkpoint(model_uri: str, dst_dir: str | Path | None = None) -> Path:
+    """The checkpoint file inside an MLflow model that ``serving.mlflow_model.log_learner``
+    logged (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model``),
+    downloaded from ``$MLFLOW_TRACKING_URI`` (else ./mlflow.db) into ``dst_dir`` (default:
+    a new temporary directory, the caller's to remove). Only the model's MLmodel file and
+    the checkpoint are fetched, not the code logged beside them."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    uri = resolve_tracking_uri()
+    check_reachable(uri)
+    base = model_uri.rstrip("/")
+    dst = Path(dst_dir) if dst_dir is not None else Path(
+        tempfile.mkdtemp(prefix="metadist-model-"))
+    try:
+        with first_use_lock(uri):
+            mlmodel = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{base}/MLmodel", dst_path=str(dst), tracking_uri=uri)
+        artifacts = Model.load(mlmodel).flavors.get("python_function", {}).get("artifacts")
+        entry = (artifacts or {}).get(CHECKPOINT_ARTIFACT)
+        if not entry:
+            raise TrackingError(
+                f"{model_uri}: not a metadist few-shot model (its MLmodel has no "
+                f"{CHECKPOINT_ARTIFACT!r} pyfunc artifact; serving.mlflow_model.log_learner "
+                "logs models that do)")
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{base}/{entry['path']}", dst_path=str(dst), tracking_uri=uri)
+    except MlflowException as err:
+        raise TrackingError(f"MLflow model {model_uri} (tracking store {redact(uri)}): "
+                            f"{err.message}") from None
+    except OSError as err:
+        raise TrackingError(f"MLflow model {model_uri} (tracking store {redact(uri)}): "
+                            f"{err}") from None
+    return Path(path)

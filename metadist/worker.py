@@ -1,5 +1,5 @@
-"""``python -m metadist.worker CONFIG [key=value ...] [--run-dir DIR]``: one process, or
-one rank under ``torchrun``, with no Ray (``metadist.runners.local``)."""
+"""``python -m metadist.worker CONFIG [key=value ...] [--run-dir DIR] [--pretrain]``: one
+process, or one rank under ``torchrun``, with no Ray (``metadist.runners.local``)."""
 
 from metadist.runners.local import main
 from metadist.training.signals import sigterm_unwinds

@@ -48,6 +48,8 @@ def test_a_submitted_sweep_s_artifacts_and_model_outlive_the_cluster(tmp_path, c
                                                 tracking_uri=uri, dst_path=str(tmp_path / "dl"))
     assert list(Path(local).glob("*.pt"))
     mlflow.set_tracking_uri(uri)
-    module = mlflow.pytorch.load_model("models:/durable-model/1")
+    model = mlflow.pyfunc.load_model("models:/durable-model/1")
     x = torch.linspace(-5, 5, 10)[:, None]
-    assert module(x, torch.sin(x), x).shape == (10, 1)
+    [answer] = model.predict({"support": x.tolist(), "labels": torch.sin(x).ravel().tolist(),
+                              "query": x.tolist()})
+    assert torch.tensor(answer["predictions"]).shape == (10, 1)

@@ -179,7 +179,7 @@ def test_the_learner_s_module_answers_as_the_meta_test_for_every_method(method):
     train_step = MetaStep(**options)
     step = MetaStep(**{**options, "first_order": True})
     model, _ = small_conv()
-    cfg = SimpleNamespace(train=SimpleNamespace(seed=0),
+    cfg = SimpleNamespace(train=SimpleNamespace(seed=0), model=SimpleNamespace(pretrained=None),
                           algorithm=SimpleNamespace(inner_lr=0.3,
                                                     inner_steps=options["inner_steps"]))
     g = torch.Generator().manual_seed(2)

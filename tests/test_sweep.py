@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import child_runs, listening_while_running
 
@@ -88,6 +87,11 @@ def test_bad_tune_settings_are_config_errors():
         sweep_config("tune.reduction_factor=1")
     with pytest.raises(ConfigError, match=r"tune.max_concurrent=-1 must be >= 0"):
         sweep_config("tune.max_concurrent=-1")
+    from metadist.launch.sweep import run_sweep
+
+    with pytest.raises(ConfigError, match=r"tracking.register_model='m' is for `metadist "
+                       r"train`: a sweep registers its best model as tune.model_name"):
+        run_sweep(sweep_config("tracking.register_model=m"))
 
 
 def test_trial_config_applies_sampled_values_and_checks_them():
@@ -211,25 +215,32 @@ def test_omniglot_sweep_nested_runs_asha_best_config_and_registered_model(
     result = json.loads((lambda o: o[o.index("{"):])(finish(rerun)))
     assert result["split"] == "test" and result["steps"] == 2
 
-    # The best model is registered and loads back as a working few-shot model.
-    import mlflow.pytorch
+    # The best model is registered as a pyfunc model that answers a task as the Learner
+    # API does (its own input example: 5 synthetic classes for the 5-way head).
+    import base64
+
+    import mlflow.pyfunc
+    import numpy as np
 
     from metadist.learner import Learner
-    from metadist.training.streams import open_streams
 
     version = client.get_model_version("omniglot-best", "1")
     assert version.run_id == parent_id
+    assert summary["registered_model"]["model_uri"] == "models:/omniglot-best/1"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        loaded = mlflow.pytorch.load_model("models:/omniglot-best/1")
+        loaded = mlflow.pyfunc.load_model("models:/omniglot-best/1")
     finally:
         mlflow.set_tracking_uri(previous)
-    reference = Learner.load(summary["best_checkpoint"]).as_module()
-    cfg = load_config(best_file)
-    episode = open_streams(cfg.data, train_seed=0, eval_seed=cfg.eval.seed).test.episode(0)
-    args = (episode.support_x, episode.support_y, episode.query_x)
-    torch.testing.assert_close(loaded(*args), reference(*args))
+    task = loaded.input_example.iloc[0].to_dict()
+    [answer] = loaded.predict(task)
+    decoded = {f: [base64.b64decode(v) for v in task[f]] for f in ("support", "query")}
+    reference = Learner.load(summary["best_checkpoint"]).adapt(decoded["support"],
+                                                               list(task["labels"]))
+    assert answer["labels"] == reference.predict(decoded["query"])
+    np.testing.assert_allclose(answer["probabilities"],
+                               reference.predict_proba(decoded["query"]).numpy(), atol=1e-6)
 
 
 # -- kill and resume ---------------------------------------------------------------------

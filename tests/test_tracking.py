@@ -1,6 +1,7 @@
 """An MLflow server lost in the middle of a run: training goes on, the user is told, and
 the metrics logged while it was away reach it once it is back; runs started together on a
-fresh local store; the code state a run names; a terminated run ends KILLED."""
+fresh local store; the code state a run names; a terminated run ends KILLED; the kind of
+experiment the MLflow UI is told it is."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ import pytest
 from conftest import free_port, sigterm_after_first_step, start_mlflow_server, stop_mlflow_server
 
 from metadist.config import load_config
-from metadist.tracking import MLflowTracker, git_commit, git_uncommitted, run_tags
+from metadist.launch.run import tracked_training
+from metadist.tracking import (
+    EXPERIMENT_KIND,
+    MODEL_TRAINING,
+    MLflowTracker,
+    git_commit,
+    git_uncommitted,
+    run_tags,
+)
 from metadist.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +69,9 @@ def test_a_server_lost_mid_run_does_not_stop_training(tmp_path, monkeypatch):
         assert sorted(steps) == [10, 20, 30, 40, 50, 60]  # the ones logged while down too
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED" and "test_mse" in run.data.metrics
+        # An experiment the server created (set_experiment) is a model-training one too.
+        experiment = client.get_experiment(run.info.experiment_id)
+        assert experiment.tags[EXPERIMENT_KIND] == MODEL_TRAINING
     finally:
         stop_mlflow_server(server)
 
@@ -169,6 +181,35 @@ def test_a_local_store_keeps_artifacts_beside_the_database_not_in_the_working_di
     assert (store / "mlartifacts" / "a_b_c" / tracker.run_id / "artifacts" / "note.txt"
             ).is_file()
     assert not (job_dir / "mlruns").exists()
+
+
+def test_experiments_are_model_training_ones_unless_their_owner_said_otherwise(tmp_path):
+    # MLflow 3 keeps an experiment's kind, model training or GenAI (traces and evaluations
+    # of LLM apps), in a tag; metadist's experiments hold training runs.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(ROOT / "configs" / "sinusoid_maml.yaml", [
+        "train.steps=2", "train.log_every=1", "train.val_every=0", "eval.episodes=2",
+        "train.progress=false", "train.checkpoint_every=0", f"train.output_dir={tmp_path}",
+        f"tracking.tracking_uri={uri}",
+    ])
+    result = tracked_training(config)
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(result["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "metadist"
+    assert experiment.tags[EXPERIMENT_KIND] == MODEL_TRAINING == "custom_model_development"
+
+    # One made before metadist tagged experiments, or by another tool, gets the tag at its
+    # next metadist run; a kind its owner chose stays.
+    untagged = client.create_experiment("untagged")
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND: "genai_development"})
+    for name in ("untagged", "chosen", "chosen"):
+        named = load_config(ROOT / "configs" / "sinusoid_maml.yaml",
+                            [f"tracking.tracking_uri={uri}", f"tracking.experiment={name}"])
+        with MLflowTracker(named) as tracker:
+            tracker.log_metrics({"loss": 1.0}, 1)
+    assert client.get_experiment(untagged).tags[EXPERIMENT_KIND] == MODEL_TRAINING
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND] == "genai_development"
 
 
 def test_credentials_in_the_tracking_uri_move_to_mlflow_s_own_variables(monkeypatch):

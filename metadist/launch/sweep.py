@@ -32,7 +32,6 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-import metadist
 from metadist.config import (
     Config,
     ConfigError,
@@ -44,7 +43,6 @@ from metadist.config import (
     to_dict,
     uses_ray,
 )
-from metadist.learner import Learner
 from metadist.runners.preflight import run_cpus
 from metadist.runners.ray_train import init_ray, local_copy, reporter, train_on_ray
 from metadist.tracking import (
@@ -185,6 +183,11 @@ def sweep_dir_of(config: Config) -> Path:
 def run_sweep(config: Config, *, resume: bool = False) -> dict[str, Any]:
     """Run (or, with ``resume``, finish) the sweep of ``config.tune`` and return its
     summary: the best trial, its config file, its meta-test result, the registered model."""
+    if config.tracking.register_model:
+        raise ConfigError(
+            f"tracking.register_model={config.tracking.register_model!r} is for `metadist "
+            "train`: a sweep registers its best model as tune.model_name (default: the "
+            "sweep's name)")
     # Tune saves the sweep's state this often; a killed sweep loses at most this much.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     space = search_space(config)
@@ -452,7 +455,7 @@ def summarize_sweep(config: Config, grid, metric: str, mode: str, sweep_dir: Pat
         # The one look at the held-out test classes, for the configuration already chosen.
         summary["test"] = evaluate_checkpoint(checkpoint, episodes=config.eval.episodes)
     if tracker is not None:
-        summary["registered_model"] = register_model(tracker, checkpoint,
+        summary["registered_model"] = register_model(checkpoint,
                                                      config.tune.model_name or sweep_dir.name)
     (sweep_dir / "best_result.json").write_text(json.dumps(summary, indent=2, default=str))
     if tracker is not None:
@@ -498,19 +501,13 @@ def log_sweep(tracker, grid, metric: str, summary: dict[str, Any], sweep_dir: Pa
         tracker.log_artifact(plot)
 
 
-def register_model(tracker, checkpoint: str, name: str) -> dict[str, Any]:
-    """The best model as an MLflow PyTorch model of the sweep's run, registered as ``name``."""
-    return tracker.log_model(
-        Learner.load(checkpoint).as_module(), name,
-        code_paths=[str(Path(metadist.__file__).parent)],
-        pip_requirements=[f"torch=={torch_version()}", "pyarrow", "pillow", "omegaconf"],
-    )
+def register_model(checkpoint: str, name: str) -> dict[str, Any]:
+    """The best model as an MLflow pyfunc model of the sweep's run (the active one),
+    registered as ``name``: one few-shot task per request (docs/serving.md)."""
+    # Imported here: MLflow's model machinery is needed once, at the end of a sweep.
+    from metadist.serving.mlflow_model import log_learner
 
-
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__.split("+")[0]
+    return log_learner(checkpoint, name)
 
 
 def plot_sweep(grid, metric: str, path: Path, title: str = "") -> Path | None:

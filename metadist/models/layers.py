@@ -11,6 +11,9 @@ native convolution into a grouped convolution, which is several times slower on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -88,6 +91,46 @@ def head_params(ways: int, features: int, generator: torch.Generator | None = No
 
 def head(params: dict[str, Tensor], features: Tensor) -> Tensor:
     return features @ params["head.weight"].t() + params["head.bias"]
+
+
+@dataclass(frozen=True)
+class DropBlock:
+    """DropBlock (Ghiasi et al. 2018) as MetaOptNet applies it to ResNet-12's last stages:
+    square blocks of ``size`` x ``size`` units of a feature map set to zero, about a
+    ``rate`` fraction of the units, the rest scaled up to keep the map's sum.
+
+    The random numbers come from ``noise(block, shape)``: uniform [0, 1) noise of ``shape``
+    for the seed positions of residual block ``block`` (one per position where a whole
+    block fits, for this call's rows). The caller owns the randomness, so it can make it a
+    function of its seed and step alone (what keeps a resumed or a sharded run exact).
+    A model called without a ``DropBlock`` drops nothing: evaluation, inner loops and
+    meta-training never pass one.
+    """
+
+    rate: float
+    size: int
+    noise: Callable[[int, tuple[int, ...]], Tensor]
+
+
+def drop_block(x: Tensor, drop: DropBlock, block: int) -> Tensor:
+    """``x`` (NCHW) with DropBlock's blocks dropped. Seeds fall with probability γ at the
+    positions where a whole block fits (MetaOptNet's γ = rate / size² · HW / ((H - size + 1)
+    (W - size + 1)), so that about ``rate`` of the units drop); each seed zeroes the block
+    whose top-left corner it is. The kept units are scaled by units / kept, per example
+    (MetaOptNet scales per batch: per example makes a row's output independent of the other
+    rows, so a batch cut into shards computes the same)."""
+    if drop.rate <= 0:
+        return x
+    n, c, h, w = x.shape
+    size = min(drop.size, h, w)
+    seeds_h, seeds_w = h - size + 1, w - size + 1
+    gamma = drop.rate / size**2 * (h * w) / (seeds_h * seeds_w)
+    noise = drop.noise(block, (n, c, seeds_h, seeds_w)).to(x.device)
+    seeds = (noise < gamma).to(x.dtype)
+    dropped = F.max_pool2d(F.pad(seeds, (size - 1,) * 4), size, stride=1)  # [n, c, h, w]
+    keep = 1 - dropped
+    scale = (c * h * w) / keep.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
+    return x * keep * scale
 
 
 def to_layout(x: Tensor, impl: str) -> Tensor:

@@ -22,9 +22,11 @@ adds 3,205 (12,427,525).
 
 Where it differs: batch norm is transductive like the Conv4's (each batch's own
 statistics, at training and at test, no running averages; see ``layers.batch_norm``);
-the head is the Conv4's linear head on the pooled features; and there is no DropBlock or
-dropout yet (MetaOptNet's drop rate 0.1, DropBlock size 5 in blocks 3 and 4): they need
-random numbers, which the vmap inner loop refuses (``randomness="error"``).
+the head is the Conv4's linear head on the pooled features. DropBlock (MetaOptNet's, size
+5 after blocks 3 and 4) runs only when a caller passes one (``features(..., drop=)``):
+supervised pre-training does; evaluation, inner loops and meta-training never do (the
+vmap inner loop refuses random numbers). MetaOptNet's plain dropout after blocks 1 and 2
+is not there.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from metadist.models import layers
 Params = dict[str, Tensor]
 
 LEAKY_SLOPE = 0.1  # both reference codes' nn.LeakyReLU(0.1)
+DROPBLOCK_BLOCKS = (3, 4)  # MetaOptNet's: after the last two stages' max-pool
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,11 @@ class ResNet12:
             channels = width
         return {**params, **layers.head_params(self.ways, self.feature_dim, generator)}
 
-    def features(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
+    def features(self, params: Params, x: Tensor, impl: str = "native",
+                 drop: layers.DropBlock | None = None) -> Tensor:
+        """The pooled features; ``drop``: DropBlock after blocks 3 and 4 (training only)."""
+        if drop is not None and impl != "native":
+            raise ValueError("DropBlock runs on the native layers only")
         h = layers.to_layout(x, impl)
         for block in range(1, 5):
             p = f"layer{block}."
@@ -109,6 +116,8 @@ class ResNet12:
                 layers.conv1x1(h, params[f"{p}downsample.0.weight"], impl),
                 params[f"{p}downsample.1.weight"], params[f"{p}downsample.1.bias"], impl)
             h = layers.max_pool2(F.leaky_relu(out + shortcut, LEAKY_SLOPE), impl)
+            if drop is not None and block in DROPBLOCK_BLOCKS:
+                h = layers.drop_block(h, drop, block)
         return layers.to_nchw(h, impl).mean(dim=(2, 3))
 
     def head(self, params: Params, features: Tensor) -> Tensor:

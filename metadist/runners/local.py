@@ -2,11 +2,14 @@
 
     torchrun --nproc-per-node=2 -m metadist.worker configs/omniglot_5w1s_maml.yaml \\
         train.steps=100 --run-dir runs/omniglot-ddp
+    torchrun --nproc-per-node=2 -m metadist.worker --pretrain \\
+        configs/miniimagenet_pretrain_conv4.yaml --run-dir runs/mini-pretrain
 
 Each rank joins the process group torchrun describes (NCCL on CUDA, gloo on CPU), runs
-its share of every meta-batch and all-reduces the meta-gradients; rank 0 tracks the run
-and writes the checkpoints and the result. This is the runner for machines with PyTorch
-but no Ray; ``python -m metadist.worker`` is its command.
+its share of every meta-batch (with ``--pretrain``: of every batch of images) and
+all-reduces the gradients; rank 0 tracks the run and writes the checkpoints and the
+result. This is the runner for machines with PyTorch but no Ray; ``python -m
+metadist.worker`` is its command.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import torch
 import torch._dynamo  # noqa: F401  (before the process group: see main)
 import torch.distributed as dist
 
-from metadist.config import load_config
+from metadist.config import check_pretraining, load_config
 from metadist.tracking import tracked_run
 from metadist.training.loop import train
+from metadist.training.pretrain import pretrain
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,8 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--run-dir", help="run directory (the same on every rank)")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="supervised pre-training (`metadist pretrain`) instead of "
+                             "meta-training")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
+    recipe = pretrain if args.pretrain else train
+    if args.pretrain:
+        check_pretraining(config)
     rank = int(os.environ.get("RANK", "0"))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
     try:
         with tracked_run(config, when=rank == 0) as tracker:
-            result = train(config, tracker, run_dir=args.run_dir)
+            result = recipe(config, tracker, run_dir=args.run_dir)
     finally:
         if distributed:
             dist.destroy_process_group()

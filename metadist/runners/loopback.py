@@ -27,3 +27,32 @@ def keep_ray_on_loopback() -> None:
 
     services.resolve_ip_for_localhost = lambda host: host
     os.environ.update(LOOPBACK_ENV)
+
+
+def keep_serve_replica_on_node_address() -> None:
+    """Call in a Ray Serve replica's constructor. Ray Serve 2.60 then starts the replica's
+    inter-deployment gRPC server on every interface (``"[::]:0"`` in
+    ``ray.serve._private.replica``), whatever the node's address; this binds it to the
+    node's address instead (127.0.0.1 on a Ray metadist started), which is where Serve's
+    routers connect to it (``node_ip:port``). A Ray that no longer binds it this way is an
+    error, not a replica listening everywhere unnoticed."""
+    import ray
+    import ray.serve._private.replica as replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None:
+        raise RuntimeError("this Ray Serve no longer starts its replica's gRPC server "
+                           "through add_port_to_grpc_server: metadist cannot keep it off "
+                           "the machine's other interfaces (metadist/runners/loopback.py)")
+    if getattr(bind, "on_node_address", False):
+        return
+    host = ray.util.get_node_ip_address()
+    host = f"[{host}]" if ":" in host else host
+
+    def on_node_address(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.removeprefix('[::]:')}"
+        return bind(server, address)
+
+    on_node_address.on_node_address = True
+    replica.add_port_to_grpc_server = on_node_address

@@ -37,11 +37,13 @@ from metadist.runners.rendezvous import BoundRendezvous
 from metadist.tracking import tracked_run
 from metadist.training.checkpoint import load_checkpoint
 from metadist.training.loop import Hooks, discard_unused_run, train
+from metadist.training.pretrain import pretrain
 from metadist.training.runtime import NonFiniteError
 from metadist.training.signals import Stopped, sigterm_deferred
 from metadist.training.streams import training_preprocessing
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RECIPES = {"train": train, "pretrain": pretrain}  # the loop each worker runs
 
 
 def init_ray(config: Config, need_cpus: float | None = None) -> None:
@@ -76,11 +78,15 @@ def init_ray(config: Config, need_cpus: float | None = None) -> None:
 
 def train_on_ray(
     config: Config, *, mlflow_run_id: str | None = None, tracking_uri: str | None = None,
-    run_dir: str | Path | None = None, callbacks: tuple = (),
+    run_dir: str | Path | None = None, callbacks: tuple = (), recipe: str = "train",
 ) -> dict[str, Any]:
     """``run_dir`` names the run: a second call with the same one (a Tune trial started
     again) continues from the run's last reported checkpoint. ``callbacks``: Ray Train
-    callbacks (a Tune trial passes ``TuneReportCallback``)."""
+    callbacks (a Tune trial passes ``TuneReportCallback``). ``recipe``: ``train``
+    (meta-training) or ``pretrain`` (supervised pre-training, ``metadist.training.
+    pretrain``), the loop every worker runs."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe {recipe!r} is not one of {sorted(RECIPES)}")
     init_ray(config)
     preflight(config)  # impossible resources or a missing dataset: fail now
     out = Path(config.train.output_dir).resolve()
@@ -101,6 +107,7 @@ def train_on_ray(
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
             "stop_flag": stop_flag,
+            "recipe": recipe,
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers,
@@ -116,7 +123,7 @@ def train_on_ray(
         ),
     )
     try:
-        return outcome_of(trainer, stop_flag, config)
+        return outcome_of(trainer, stop_flag, config, recipe)
     except BaseException:
         if owned:  # a failure before the first checkpoint leaves nothing worth keeping
             discard_unused_run(run_dir)
@@ -124,7 +131,8 @@ def train_on_ray(
         raise
 
 
-def outcome_of(trainer: TorchTrainer, stop_flag, config: Config) -> dict[str, Any]:
+def outcome_of(trainer: TorchTrainer, stop_flag, config: Config, recipe: str = "train"
+               ) -> dict[str, Any]:
     with sigterm_passed_on(stop_flag):
         result = trainer.fit()
     if result.error is not None:
@@ -140,7 +148,8 @@ def outcome_of(trainer: TorchTrainer, stop_flag, config: Config) -> dict[str, An
         raise NonFiniteError(outcome["diverged"])
     if "stopped_after_step" in outcome:
         step, path = outcome["stopped_after_step"], outcome["resume"]
-        print(f"SIGTERM: the workers stopped after step {step} of {config.train.steps}; "
+        of = f" of {config.train.steps}" if recipe == "train" else ""
+        print(f"SIGTERM: the workers stopped after step {step}{of}; "
               f"continue with resume={path} (on the rank-0 worker's node; Ray's storage "
               f"holds it too: {result.checkpoint.path if result.checkpoint else 'none'})",
               file=sys.stderr, flush=True)
@@ -220,8 +229,9 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         resume = local_copy(restored, loop_config["run_dir"])
     start = int(load_checkpoint(resume)["step"]) if resume else 0
 
-    batches, pipeline = None, None
-    if cfg.data.dataset != "sinusoid" and cfg.ray.actors > 0:
+    recipe = loop_config.get("recipe", "train")
+    batches, pipeline = None, None  # pre-training reads its images in the worker
+    if recipe == "train" and cfg.data.dataset != "sinusoid" and cfg.ray.actors > 0:
         pipeline = open_pipeline(cfg, start_step=start, rank=rank, world_size=world)
         batches = pipeline.get
 
@@ -234,7 +244,8 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             # Every worker reports; rank 0 hands Ray the checkpoint a restart resumes from.
             hooks = Hooks(batches=batches, report=reporter(ray.train.report),
                           stop=StopPoll(loop_config["stop_flag"]))
-            result = train(cfg, tracker, resume, run_dir=loop_config["run_dir"], hooks=hooks)
+            result = RECIPES[recipe](cfg, tracker, resume, run_dir=loop_config["run_dir"],
+                                     hooks=hooks)
         if pipeline is not None:
             result["pipeline"] = {
                 k: v for k, v in pipeline.stats().items() if isinstance(v, int | float)

@@ -32,6 +32,14 @@ class AdaptedCache:
             self.hits += 1
             return entry[0]
 
+    def peek(self, key: str) -> AdaptedLearner | None:
+        """The entry, neither counted as a hit or a miss nor made more recent: for a
+        second look at a key already counted (a server adapting a batch of misses, some of
+        which another batch may have adapted meanwhile)."""
+        with self.lock:
+            entry = self.entries.get(key)
+            return None if entry is None else entry[0]
+
     def put(self, key: str, adapted: AdaptedLearner) -> None:
         size = own_bytes(adapted)
         if size > self.max_bytes:

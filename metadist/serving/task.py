@@ -10,6 +10,10 @@ LABEL a string (or an integer). For a regression model (feature rows, no preproc
 The answer is ``{"labels": [...], "probabilities": [[...]], "classes": [...]}`` (for
 regression ``{"predictions": [[...]]}``).
 
+``parse_task`` checks and decodes a request; a server with a cache splits it in two,
+``read_task`` (checks, and the support set's hash, from the encoded bytes) and
+``decode_task``, so that a support set whose adapted model it holds is never decoded.
+
 Everything a client can get wrong raises :class:`BadRequest`, whose message names the
 field and, for an image, its index; servers answer it with HTTP 400 and keep serving.
 """
@@ -44,6 +48,10 @@ class Limits:
     max_images: int = 1000  # support and query together
     max_image_bytes: int = 2 * 2**20  # encoded size of one image
     max_pixels: int = 4096 * 4096  # width x height of one image, checked before decoding
+    # A request's whole body, refused (HTTP 413) before it is read or parsed: room for a
+    # task of Omniglot- or miniImageNet-size images up to max_images, not for max_images
+    # images of max_image_bytes each (2.8 GB in base64).
+    max_request_bytes: int = 64 * 2**20
 
 
 @dataclass
@@ -54,6 +62,9 @@ class Task:
     labels: list
     query: list
     key: str  # hash of the support set and its labels: equal keys adapt equally
+    # False: the images are the encoded files still (``read_task``; ``decode_task``).
+    support_decoded: bool = True
+    query_decoded: bool = True
 
     @property
     def images(self) -> int:
@@ -62,6 +73,13 @@ class Task:
 
 def parse_task(payload: object, learner: Learner, limits: Limits = Limits()) -> Task:
     """Check ``payload`` against ``learner`` and ``limits``; decode its inputs."""
+    return decode_task(read_task(payload, learner, limits), limits)
+
+
+def read_task(payload: object, learner: Learner, limits: Limits = Limits()) -> Task:
+    """Check ``payload``'s fields, counts, labels and image sizes, and hash its support
+    set, without decoding an image: the Task's images are still the encoded files. A server
+    looks the key up before paying for decoding (``decode_task``)."""
     if not isinstance(payload, Mapping):
         raise BadRequest(f"a task is an object with fields {list(FIELDS)}, got "
                          f"{type(payload).__name__}")
@@ -91,9 +109,10 @@ def parse_task(payload: object, learner: Learner, limits: Limits = Limits()) -> 
             if width is not None and len(rows[0]) != width:
                 raise BadRequest(f"{field}: rows of {len(rows[0])} numbers, but the model "
                                  f"takes {width} features")
+        decoded = True
     else:
-        support = [_image(v, f"support[{i}]", limits, digest) for i, v in enumerate(support)]
-        query = [_image(v, f"query[{i}]", limits) for i, v in enumerate(query)]
+        support = [_encoded(v, f"support[{i}]", limits) for i, v in enumerate(support)]
+        query = [_encoded(v, f"query[{i}]", limits) for i, v in enumerate(query)]
         labels = [_label(v, f"labels[{i}]") for i, v in enumerate(labels)]
         ways, classes = learner.ways, len(set(labels))
         if classes < 2:
@@ -103,8 +122,24 @@ def parse_task(payload: object, learner: Learner, limits: Limits = Limits()) -> 
             raise BadRequest(f"labels: {classes} distinct classes, but this model was "
                              f"meta-trained for {ways}-way tasks with a learned head and "
                              "takes exactly that many")
+        for data in support:
+            digest.update(hashlib.sha256(data).digest())
+        decoded = False
     digest.update(repr(labels).encode())
-    return Task(support, labels, query, digest.hexdigest())
+    return Task(support, labels, query, digest.hexdigest(), decoded, decoded)
+
+
+def decode_task(task: Task, limits: Limits = Limits(), *, support: bool = True) -> Task:
+    """``task`` with its images decoded (each checked against ``limits`` first); the
+    support set's only if ``support`` (a server that holds the support set's adapted model
+    needs the queries alone)."""
+    if support and not task.support_decoded:
+        task.support = [_decode(v, f"support[{i}]", limits) for i, v in enumerate(task.support)]
+        task.support_decoded = True
+    if not task.query_decoded:
+        task.query = [_decode(v, f"query[{i}]", limits) for i, v in enumerate(task.query)]
+        task.query_decoded = True
+    return task
 
 
 def answer(adapted: AdaptedLearner, task: Task) -> dict:
@@ -138,7 +173,8 @@ def _list(value: object, field: str) -> list:
     return list(value)
 
 
-def _image(value: object, field: str, limits: Limits, digest=None) -> Image.Image:
+def _encoded(value: object, field: str, limits: Limits) -> bytes:
+    """The encoded image file a request carries, within the size limit; not decoded."""
     if isinstance(value, str):
         try:
             data = base64.b64decode(value, validate=True)
@@ -153,6 +189,10 @@ def _image(value: object, field: str, limits: Limits, digest=None) -> Image.Imag
     if len(data) > limits.max_image_bytes:
         raise BadRequest(f"{field}: {len(data):,} bytes, more than the "
                          f"{limits.max_image_bytes:,} this server takes per image")
+    return data
+
+
+def _decode(data: bytes, field: str, limits: Limits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -167,8 +207,6 @@ def _image(value: object, field: str, limits: Limits, digest=None) -> Image.Imag
     except Exception as err:  # PIL raises many types for bad bytes
         raise BadRequest(f"{field}: not a decodable image ({type(err).__name__}: "
                          f"{err})") from None
-    if digest is not None:
-        digest.update(hashlib.sha256(data).digest())
     return image
 
 

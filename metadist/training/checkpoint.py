@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metadist.algorithms import CarriedMoments, MetaStep
+from metadist.algorithms import CarriedMoments, MetaStep, model_keys
 from metadist.algorithms.meta import extra_shapes
 from metadist.config import Config, config_from_dict
-from metadist.models import check_params, model_from_spec, param_shapes
+from metadist.models import check_params, model_from_spec, model_spec, param_shapes
 
 FORMAT = "metadist-checkpoint/1"
 
@@ -91,10 +91,73 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu",
             raise ValueError(f"{path}: {err}") from None
     # Learned inner rates (Meta-SGD's, MAML++'s) and MAML++'s per-step batch norms are
     # parameters beside the model's.
-    check_params(model, state["params"], str(path),
-                 extra=extra_shapes(param_shapes(model), config.algorithm, model.norm_keys))
+    try:
+        check_params(model, state["params"], str(path),
+                     extra=extra_shapes(param_shapes(model), config.algorithm, model.norm_keys))
+    except ValueError as err:
+        if "pretrain" in state:  # resumed as if it were a meta-training run of its own
+            raise ValueError(f"{err}. It is a supervised pre-training checkpoint: start "
+                             f"meta-training from its backbone with model.pretrained={path}"
+                             ) from None
+        raise
     params = {k: v.to(device) for k, v in state["params"].items()}
     return Trained(str(path), state, config, model, params)
+
+
+def pretrained_backbone(path: str | Path, model) -> dict[str, Tensor]:
+    """The backbone of checkpoint ``path`` for ``model``: every parameter of ``model`` but
+    its head (``model.head_keys``), taken from the checkpoint's parameters by name (what
+    ``model.pretrained`` starts a run from). The checkpoint's own head and anything an
+    algorithm kept beside its model (learned rates, per-step batch norms) are left out. A
+    parameter missing, of another shape, or one the checkpoint's backbone has and
+    ``model`` lacks is an error that names it."""
+    where = f"model.pretrained={path}"
+    try:
+        state = load_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: no such checkpoint") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    params = state.get("params")
+    if not isinstance(params, dict) or not all(isinstance(v, Tensor) for v in params.values()):
+        raise ValueError(f"{where}: the checkpoint holds no parameters")
+    spec = state.get("model", {})
+    theirs = f"{spec.get('kind')} {spec.get('kwargs')}" if isinstance(spec, dict) else "?"
+    shapes = param_shapes(model)
+    wanted = [k for k in shapes if k not in model.head_keys]
+    missing = [k for k in wanted if k not in params]
+    if missing:
+        raise ValueError(
+            f"{where}: the checkpoint has no parameter {missing[0]!r} ({len(missing)} of this "
+            f"model's {len(wanted)} backbone parameters missing): it was trained with another "
+            f"architecture ({theirs}) than this run's {model!r}")
+    for k in wanted:
+        if tuple(params[k].shape) != shapes[k]:
+            raise ValueError(
+                f"{where}: parameter {k!r} is {list(params[k].shape)} in the checkpoint and "
+                f"{list(shapes[k])} in this model: it was trained with another architecture "
+                f"({theirs}) than this run's {model!r}")
+        if not params[k].is_floating_point():
+            raise ValueError(f"{where}: parameter {k!r} is not floating point")
+    head = ("head.weight", "head.bias")
+    extra = sorted(k for k in model_keys(params) if k not in shapes and k not in head)
+    if extra:
+        raise ValueError(f"{where}: the checkpoint's backbone has parameters this model lacks, "
+                         f"{extra[:5]}: it was trained with another architecture ({theirs}) "
+                         f"than this run's {model!r}")
+    # Same shapes can still be another network (a max-pool Conv4's weights in a stride-2
+    # one): the model's other settings must be the checkpoint's too.
+    ours = model_spec(model)
+    if isinstance(spec, dict) and isinstance(spec.get("kwargs"), dict):
+        for key, value in ours["kwargs"].items():
+            if key in ("ways", "in_channels", "image_size"):  # the head's; the shapes' own
+                continue
+            their = spec["kwargs"].get(key)
+            if (list(their) if isinstance(their, tuple) else their) != value:
+                name = "model.name" if key == "source" else f"model.{key}"
+                raise ValueError(f"{where}: the checkpoint's model has {key}={their!r}, and "
+                                 f"this run's {key}={value!r} ({name})")
+    return {k: params[k].detach().clone() for k in wanted}
 
 
 def rng_state() -> dict[str, Any]:

@@ -36,14 +36,15 @@ def shard_bounds(n_tasks: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def all_reduce_sum(tensors: list[Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[Tensor]:
     """Sum ``tensors`` across workers, packed into flat buckets (one collective per
-    ``bucket_bytes``, not one per tensor). A no-op in a single process."""
+    ``bucket_bytes``, not one per tensor; a bucket holds one dtype, so every tensor is
+    summed in its own). A no-op in a single process."""
     if rank_and_world()[1] == 1:
         return tensors
     buckets: list[list[Tensor]] = [[]]
     size = 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
-        if buckets[-1] and size + nbytes > bucket_bytes:
+        if buckets[-1] and (size + nbytes > bucket_bytes or t.dtype != buckets[-1][0].dtype):
             buckets.append([])
             size = 0
         buckets[-1].append(t)

@@ -14,6 +14,7 @@ from metadist.algorithms import CarriedMoments, MetaStep, adapted_scores
 from metadist.config import Config
 from metadist.data.episodes import MetaBatch
 from metadist.training.checkpoint import load_trained
+from metadist.training.distributed import all_reduce_sum, rank_and_world, shard_bounds
 from metadist.training.runtime import check_finite, resolve_device
 from metadist.training.streams import episode_batch, open_streams
 
@@ -40,6 +41,36 @@ def meta_test(
         carried=carried,
     )
     return summarize(loss, acc, classification, step, protocol)
+
+
+def evaluate_split(
+    model,
+    params: dict[str, torch.Tensor],
+    source,
+    step: MetaStep,
+    cfg: Config,
+    split: str,
+    episodes: int,
+    *,
+    inner_loop: str = "loop",
+    chunk: int = 0,
+    device: torch.device | str = "cpu",
+    carried: CarriedMoments | None = None,
+) -> dict[str, Any]:
+    """A run's validation or meta-test on ``episodes`` episodes of ``source`` (the
+    ``split`` stream), reported with its protocol. Every worker of a process group scores
+    its slice of the episodes and the sum fills in everyone's gaps, so all get the whole."""
+    rank, world = rank_and_world()
+    lo, hi = shard_bounds(episodes, rank, world)
+    loss, acc, classification = episode_scores(
+        model, params, source, step, start=lo, stop=hi, batch_size=cfg.eval.batch_size,
+        inner_loop=inner_loop, chunk=chunk, device=device, order_seed=cfg.eval.seed,
+        carried=carried,
+    )
+    full = torch.zeros(2, episodes, dtype=torch.float64)
+    full[0, lo:hi], full[1, lo:hi] = loss, acc
+    full = all_reduce_sum([full])[0]
+    return summarize(full[0], full[1], classification, step, protocol(cfg, split, episodes))
 
 
 def episode_scores(

@@ -40,14 +40,20 @@ from metadist.algorithms import (
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
 from metadist.models import build_model, model_spec, second_order_under_vmap
-from metadist.training.checkpoint import load_trained, rng_state, save_checkpoint, set_rng_state
+from metadist.training.checkpoint import (
+    load_trained,
+    pretrained_backbone,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from metadist.training.distributed import (
     all_reduce_sum,
     broadcast_from_rank0,
     rank_and_world,
     shard_bounds,
 )
-from metadist.training.evaluate import episode_scores, protocol, summarize
+from metadist.training.evaluate import evaluate_split
 from metadist.training.memory import MemoryBudgetError, chunk_for_budget, peak_memory
 from metadist.training.runtime import check_finite, resolve_device, seed_everything
 from metadist.training.signals import Stopped, sigterm_deferred
@@ -108,9 +114,12 @@ def train(
 
 
 def initial_params(cfg: Config, model, meta_step: MetaStep) -> dict[str, torch.Tensor]:
-    """The parameters a run starts from (seeded by train.seed): the model's, and the
-    learned rates and per-step batch norms its algorithm adds."""
+    """The parameters a run starts from (seeded by train.seed): the model's, its backbone
+    from ``model.pretrained`` where set, and the learned rates and per-step batch norms
+    its algorithm adds (per-step batch norms start from the pre-trained ones)."""
     params = model.init_params(torch.Generator().manual_seed(cfg.train.seed))
+    if cfg.model.pretrained:  # the backbone from a checkpoint; the head stays seeded
+        params.update(pretrained_backbone(cfg.model.pretrained, model))
     if meta_step.algorithm == "metasgd":
         params = with_learned_rates(params, cfg.algorithm.inner_lr)
     norms = model.norm_keys if meta_step.per_step_bn else ()
@@ -198,17 +207,9 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
 
     def evaluate(source, episodes: int, split: str) -> dict[str, Any]:
         # Each worker scores its slice of the episodes; the sum fills in everyone's gaps.
-        e_lo, e_hi = shard_bounds(episodes, rank, world)
-        loss, acc, classification = episode_scores(
-            model, params, source, test_step, start=e_lo, stop=e_hi,
-            batch_size=cfg.eval.batch_size, inner_loop=inner_loop, chunk=chunk,
-            device=device, order_seed=cfg.eval.seed, carried=carried,
-        )
-        full = torch.zeros(2, episodes, dtype=torch.float64)
-        full[0, e_lo:e_hi], full[1, e_lo:e_hi] = loss, acc
-        full = all_reduce_sum([full])[0]
-        return summarize(full[0], full[1], classification, test_step,
-                         protocol(cfg, split, episodes))
+        return evaluate_split(model, params, source, test_step, cfg, split, episodes,
+                              inner_loop=inner_loop, chunk=chunk, device=device,
+                              carried=carried)
 
     # -- the loop ---------------------------------------------------------------
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
