@@ -243,6 +243,43 @@ def test_omniglot_sweep_nested_runs_asha_best_config_and_registered_model(
                                reference.predict_proba(decoded["query"]).numpy(), atol=1e-6)
 
 
+@pytest.mark.slow  # about 2 minutes: the MAML sweep above covers the machinery by default
+def test_a_protonet_sweep_registers_a_model_of_any_number_of_classes(tmp_path,
+                                                                     omniglot_small):
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = metadist(
+        "tune", str(ROOT / "configs" / "tune_omniglot_5w1s_protonet.yaml"),
+        f"data.dataset={omniglot_small}", "train.steps=8", "train.val_every=4",
+        "train.checkpoint_every=4", "train.val_episodes=10", "train.log_every=4",
+        "model.hidden=8", "eval.episodes=20", "eval.batch_size=10", "tune.num_samples=3",
+        "tune.grace_period=4", "tune.max_concurrent=2", "tune.cpus_per_trial=1",
+        f"train.output_dir={tmp_path}", f"tracking.tracking_uri={uri}", cwd=tmp_path,
+    )
+    finish(proc)
+    summary = json.loads((tmp_path / "sweeps" / "tune_omniglot_5w1s_protonet"
+                          / "best_result.json").read_text())
+    assert summary["test"]["episodes"] == 20 and summary["test"]["head"] == "prototypes"
+    assert set(summary["best_params"]) == {"algorithm.outer_lr", "data.train_ways",
+                                           "data.train_queries"}
+    version = MlflowClient(uri).get_model_version("omniglot-protonet", "1")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/omniglot-protonet/{version.version}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    task = loaded.input_example.iloc[0].to_dict()  # 3 classes: any number will do
+    for ways in (2, 3):
+        [answer] = loaded.predict({"support": list(task["support"])[:ways],
+                                   "labels": list(task["labels"])[:ways],
+                                   "query": list(task["query"])})
+        assert len(answer["classes"]) == ways and len(answer["probabilities"][0]) == ways
+
+
 # -- kill and resume ---------------------------------------------------------------------
 
 
