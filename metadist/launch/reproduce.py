@@ -67,13 +67,15 @@ def load_rows(path: Path = TABLES) -> dict[str, list[Row]]:
                     # An algorithm may set its own steps and overrides, for every setting
                     # (a list) or per setting (a mapping).
                     steps = {**t["cpu_steps"], **a.get("cpu_steps", {})}[setting]
+                    cpu = [f"train.steps={steps}",
+                           *_for_setting(a.get("cpu_overrides", []), setting)]
                     budget = {k: _for_setting(v, setting) for k, v in a["budget"].items()}
                     rows.append(Row(
                         table=table, split=split, setting=setting, algorithm=algorithm,
                         config=config, dataset=sp["dataset"],
                         overrides=[f"data.dataset={sp['dataset']}", *st["overrides"],
                                    *_for_setting(a.get("overrides", []), setting)],
-                        budget={"cpu": [f"train.steps={steps}"], **budget},
+                        budget={"cpu": cpu, **budget},
                         paper=a["paper"].get(setting) if sp["paper"] else None,
                         paper_non_transductive=(a["paper_non_transductive"].get(setting)
                                                 if sp["paper"] else None),
