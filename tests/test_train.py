@@ -411,3 +411,30 @@ def test_a_cosine_outer_schedule_anneals_beta_along_a_half_cosine(tmp_path):
     rates = [h["outer_lr"] for h in history]  # after each step: the next step's β
     expected = [1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(1, 9)]
     assert rates == pytest.approx(expected, rel=1e-6)
+
+
+def test_vmap_evaluates_a_training_step_s_worth_of_episodes_at_a_time(tmp_path,
+                                                                      omniglot_small,
+                                                                      monkeypatch):
+    # 50 episodes of 84x84 images at once under vmap took 22 GB; a training step's tasks
+    # are known to fit.
+    import metadist.training.evaluate as evaluate
+
+    seen = []
+    scores = evaluate.adapted_scores
+
+    def spy(model, params, batch, step, **kwargs):
+        seen.append((batch.support_x.shape[0], kwargs["inner_loop"], kwargs["chunk"]))
+        return scores(model, params, batch, step, **kwargs)
+
+    monkeypatch.setattr(evaluate, "adapted_scores", spy)
+    for path, chunk in (("vmap", 4), ("loop", 0)):
+        seen.clear()
+        cfg = load_config(ROOT / "configs" / "omniglot_5w1s_maml.yaml", [
+            f"data.dataset={omniglot_small}", f"train.output_dir={tmp_path / path}",
+            "train.steps=1", "algorithm.meta_batch_size=4", "train.val_every=0",
+            "eval.episodes=16", "eval.batch_size=16", "train.progress=false",
+            "tracking.enabled=false", f"train.inner_loop={path}",
+        ])
+        train(cfg)
+        assert seen == [(16, path, chunk)]

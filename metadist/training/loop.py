@@ -189,6 +189,11 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
         inner_loop = next(iter(chunks)) if len(chunks) == 1 else agree_on_inner_loop(
             model, params, streams, meta_step, cfg, max(hi - lo, 1), device, chunks)
     chunk = chunks[inner_loop]
+    # Evaluation batches eval.batch_size episodes. Under vmap they would all run at once,
+    # and at 84x84 the im2col buffers of 50 episodes took 22 GB (a run killed for memory);
+    # a training step's tasks (with their backward) are known to fit, so vmap evaluates
+    # that many episodes at a time.
+    eval_chunk = chunk or (max(hi - lo, 1) if inner_loop == "vmap" else 0)
 
     def checkpoint(step: int, name: str) -> Path | None:
         return files.checkpoint(name, lambda: {
@@ -208,7 +213,7 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
     def evaluate(source, episodes: int, split: str) -> dict[str, Any]:
         # Each worker scores its slice of the episodes; the sum fills in everyone's gaps.
         return evaluate_split(model, params, source, test_step, cfg, split, episodes,
-                              inner_loop=inner_loop, chunk=chunk, device=device,
+                              inner_loop=inner_loop, chunk=eval_chunk, device=device,
                               carried=carried)
 
     # -- the loop ---------------------------------------------------------------
