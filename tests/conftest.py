@@ -160,6 +160,35 @@ def child_runs(uri: str, parent_id: str) -> list:
                               f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it."""
+    from metadist.launch.cluster import all_procs
+
+    tree, procs, grew = {pid}, all_procs(), True
+    while grew:
+        grew = False
+        for p in procs:
+            if p.ppid in tree and p.pid not in tree:
+                tree.add(p.pid)
+                grew = True
+    return sorted(tree)
+
+
+def omniglot_pngs(split: Path, classes: int) -> list[list[bytes]]:
+    """The first 3 stored PNG files of each of the first ``classes`` classes of ``split``:
+    real Omniglot characters as a client sends them."""
+    import pyarrow.parquet as pq
+
+    from metadist.data import Manifest
+
+    out = []
+    for entry in Manifest.load(split / "manifest.json").classes[:classes]:
+        rows = pq.ParquetFile(split / entry.shard).read_row_group(
+            entry.row_group, columns=["image"]).column("image").to_pylist()
+        out.append([r["bytes"] for r in rows[:3]])
+    return out
+
+
 def listeners(pids: list[int]) -> list[tuple[str, str]]:
     """(local address, process name) of each TCP socket these processes listen on (``ss``)."""
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
@@ -184,8 +213,6 @@ def listening_while_running(argv: list[str], *, cwd: Path, env: dict[str, str],
     """Run ``metadist ARGV``; once ``ready()``, (address, process name) of every socket that
     it and every process it started (a local Ray: GCS, raylet, workers, agents) listen on;
     then SIGTERM it."""
-    from metadist.launch.cluster import all_procs
-
     proc = subprocess.Popen([sys.executable, "-m", "metadist.cli", *argv], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -197,15 +224,7 @@ def listening_while_running(argv: list[str], *, cwd: Path, env: dict[str, str],
                 raise AssertionError(f"never ready (rc {proc.returncode}): {err[-3000:]}")
             time.sleep(0.5)
         time.sleep(3)  # the agents Ray starts beside the raylet come up last
-        tree, procs = {proc.pid}, all_procs()
-        grew = True
-        while grew:
-            grew = False
-            for p in procs:
-                if p.ppid in tree and p.pid not in tree:
-                    tree.add(p.pid)
-                    grew = True
-        return listeners(sorted(tree))
+        return listeners(process_tree(proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

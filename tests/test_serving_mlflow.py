@@ -20,15 +20,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from conftest import free_port, listening_addresses
+from conftest import free_port, listening_addresses, omniglot_pngs, process_tree
 from mlflow import MlflowClient
 from PIL import Image
 
 from metadist import Learner
 from metadist.config import ConfigError, load_config
-from metadist.data import Manifest
 from metadist.launch.run import tracked_training
 from metadist.training.runtime import NonFiniteError
 
@@ -74,13 +72,7 @@ def learners(trained) -> dict[str, Learner]:
 @pytest.fixture(scope="module")
 def pngs(omniglot_small) -> list[list[bytes]]:
     """Real Omniglot test characters as the PNG files a client sends: 7 classes x 3."""
-    manifest = Manifest.load(omniglot_small / "test" / "manifest.json")
-    out = []
-    for entry in manifest.classes[:7]:
-        rows = pq.ParquetFile(omniglot_small / "test" / entry.shard).read_row_group(
-            entry.row_group, columns=["image"]).column("image").to_pylist()
-        out.append([r["bytes"] for r in rows[:3]])
-    return out
+    return omniglot_pngs(omniglot_small / "test", 7)
 
 
 def _b64(data: bytes) -> str:
@@ -196,7 +188,6 @@ def test_registry_names_are_checked_before_training(override, match):
 def server(trained, store, tmp_path_factory):
     """``mlflow models serve -m models:/proto/1`` on 127.0.0.1 (a process group of its own):
     its base URL and its processes."""
-    from metadist.launch.cluster import all_procs
 
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # uvicorn, which MLflow runs by name
@@ -218,12 +209,7 @@ def server(trained, store, tmp_path_factory):
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(0.3)
-        tree, grew = {proc.pid}, True
-        while grew:  # the CLI, the shell it starts, uvicorn
-            procs = [p for p in all_procs() if p.ppid in tree and p.pid not in tree]
-            tree.update(p.pid for p in procs)
-            grew = bool(procs)
-        yield url, sorted(tree)
+        yield url, process_tree(proc.pid)  # the CLI, the shell it starts, uvicorn
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -21,15 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from conftest import free_port, listeners
+from conftest import free_port, listeners, omniglot_pngs, process_tree
 from PIL import Image
 
 from metadist import Learner
 from metadist.cli import main
 from metadist.config import load_config
-from metadist.data import Manifest
 from metadist.launch.cluster import all_procs
 from metadist.training.loop import train
 
@@ -54,13 +52,7 @@ def checkpoint(omniglot_small, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def pngs(omniglot_small) -> list[list[bytes]]:
     """Real Omniglot test characters as the PNG files a client sends: 12 classes x 3."""
-    manifest = Manifest.load(omniglot_small / "test" / "manifest.json")
-    out = []
-    for entry in manifest.classes[:12]:
-        rows = pq.ParquetFile(omniglot_small / "test" / entry.shard).read_row_group(
-            entry.row_group, columns=["image"]).column("image").to_pylist()
-        out.append([r["bytes"] for r in rows[:3]])
-    return out
+    return omniglot_pngs(omniglot_small / "test", 12)
 
 
 def task(pngs: list[list[bytes]], first: int = 0) -> dict:
@@ -238,14 +230,7 @@ def test_a_huge_body_is_a_413_before_it_is_read(server, pngs):
 
 
 def test_everything_serve_starts_listens_on_loopback_only(server):
-    tree, procs, grew = {server.proc.pid}, all_procs(), True
-    while grew:
-        grew = False
-        for p in procs:
-            if p.ppid in tree and p.pid not in tree:
-                tree.add(p.pid)
-                grew = True
-    found = listeners(sorted(tree))
+    found = listeners(process_tree(server.proc.pid))
     names = {name for _, name in found}
     # Serve's HTTP proxy, and the replica's own gRPC server, which Ray Serve 2.60 binds to
     # every interface unless metadist rebinds it (metadist.runners.loopback).

@@ -8,13 +8,12 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from conftest import omniglot_pngs
 from PIL import Image
 
 from metadist import Learner
 from metadist.config import load_config
-from metadist.data import Manifest
 from metadist.serving.cache import AdaptedCache, own_bytes
 from metadist.serving.task import BadRequest, Limits, adapt, answer, parse_task
 from metadist.training.loop import train
@@ -46,13 +45,7 @@ def protonet(omniglot_small, tmp_path_factory) -> Learner:
 @pytest.fixture(scope="module")
 def pngs(omniglot_small) -> list[list[bytes]]:
     """Real Omniglot test characters as the PNG files a client would send: 7 classes x 3."""
-    manifest = Manifest.load(omniglot_small / "test" / "manifest.json")
-    out = []
-    for entry in manifest.classes[:7]:
-        rows = pq.ParquetFile(omniglot_small / "test" / entry.shard).read_row_group(
-            entry.row_group, columns=["image"]).column("image").to_pylist()
-        out.append([r["bytes"] for r in rows[:3]])
-    return out
+    return omniglot_pngs(omniglot_small / "test", 7)
 
 
 def _task(pngs, ways: int, encode=lambda b: base64.b64encode(b).decode()) -> dict:
