@@ -175,7 +175,6 @@ def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y
                   seed: int, moments: Moments | None = None) -> dict[str, Tensor]:
     """The meta-test inner loop on one support set, its Adam starting from ``moments``;
     detached adapted parameters."""
-    keys = model.head_keys if step.algorithm == "anil" else None
     order = step.minibatches(len(x), seed, [0], x.device)
     params = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
@@ -183,11 +182,7 @@ def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y
                            step.head)
         if step.algorithm == "protonet":  # the prototypes are the whole adaptation
             return {k: v.detach() for k, v in params.items()}
-        options = step.adapt_options(params)
-        if keys is not None:  # ANIL adapts the head alone, at the head's rates
-            options["keys"] = list(keys)
-            if "step_rates" in options:
-                options["step_rates"] = {k: options["step_rates"][k] for k in keys}
+        options = step.adapt_options(params, model.head_keys)
         adapted = adapt(model, params, x, y, first_order=True,
                         order=None if order is None else order[0], moments=moments, **options)
     return {k: v.detach() for k, v in adapted.items()}

@@ -260,11 +260,19 @@ class MetaStep:
                                device=device)
         return torch.stack(orders).to(device)
 
-    def adapt_options(self, params: Params | None = None) -> dict:
+    def adapt_options(self, params: Params | None = None, head_keys: Iterable[str] = ()
+                      ) -> dict:
         """``adapt``'s keyword arguments for this step's inner loop (less ``order``):
-        with ``params``, Meta-SGD's learned rates among them and the keys they adapt."""
+        with ``params``, Meta-SGD's learned rates among them and the keys they adapt.
+        ANIL adapts ``head_keys`` alone, at their MAML++ rates where those are learned."""
         options = {"lr": self.inner_lr, "steps": self.inner_steps,
                    "optimizer": self.inner_optimizer, "betas": self.inner_betas}
+        if self.algorithm == "anil":
+            keys = list(head_keys)
+            options["keys"] = keys
+            if self.lslr and params is not None:
+                options["step_rates"] = {k: params[STEP_RATE_PREFIX + k] for k in keys}
+            return options
         if self.algorithm == "metasgd" and params is not None:
             keys = model_keys(params)
             options.update(keys=keys, rates={k: params[RATE_PREFIX + k] for k in keys})
@@ -390,9 +398,7 @@ def _task_outcome(
         head = _Head(model)
         s_feat = model.features(params, sx, impl)
         q_feat = model.features(params, qx, impl)
-        options = step.adapt_options()
-        if step.lslr:
-            options["step_rates"] = {k: params[STEP_RATE_PREFIX + k] for k in head_keys}
+        options = step.adapt_options(params, head_keys)
         head_params, (_, end) = adapt_with_moments(
             head, {k: params[k] for k in head_keys}, s_feat, sy, first_order=first_order,
             functional=functional, order=order, moments=moments, recompute=recompute,

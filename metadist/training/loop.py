@@ -40,6 +40,7 @@ from metadist.algorithms import (
 from metadist.config import Config, to_dict, to_yaml
 from metadist.data.episodes import MetaBatch
 from metadist.models import build_model, model_spec, second_order_under_vmap
+from metadist.training.bookkeeping import Bookkeeping
 from metadist.training.checkpoint import (
     load_trained,
     pretrained_backbone,
@@ -56,7 +57,7 @@ from metadist.training.distributed import (
 from metadist.training.evaluate import evaluate_split
 from metadist.training.memory import MemoryBudgetError, chunk_for_budget, peak_memory
 from metadist.training.runtime import check_finite, resolve_device, seed_everything
-from metadist.training.signals import Stopped, sigterm_deferred
+from metadist.training.signals import sigterm_deferred
 from metadist.training.streams import Streams, episode_batch, open_streams
 
 
@@ -221,8 +222,12 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
                # A bar is for a terminal: in a job's log or a file it is noise.
                disable=not cfg.train.progress or rank != 0 or not sys.stderr.isatty(),
                desc=cfg.name, dynamic_ncols=True)
+    books = Bookkeeping(
+        cfg, steps=cfg.train.steps, val_every=cfg.train.val_every,
+        checkpoint_every=cfg.train.checkpoint_every, checkpoint=checkpoint, score=evaluate,
+        streams=streams, tracker=tracker, hooks=hooks, files=files, bar=bar, rank=rank,
+        history=history)
     tasks_seen, waited, t_start = 0, 0.0, time.perf_counter()
-    last_val: dict[str, Any] | None = None
     # A SIGTERM (preemption) ends the loop after the step in flight, checkpointed; every
     # rank learns of it in the step's all-reduce, so all stop after the same step.
     with sigterm_deferred() as signalled:
@@ -258,71 +263,22 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
 
             # -- what this step records, validates, checkpoints and reports ---------
             done = step + 1
-            last = done == cfg.train.steps
             record = {"step": done, "train_loss": stats[0].item() / n_tasks,
                       "elapsed_s": time.perf_counter() - t_start}
             if schedule is not None:
                 record["outer_lr"] = optimizer.param_groups[0]["lr"]
             if not batch.query_y.is_floating_point():
                 record["train_accuracy"] = stats[1].item() / n_tasks
-            if done % cfg.train.log_every == 0 or last:
-                record["tasks_per_s"] = tasks_seen / record["elapsed_s"]
-                record["data_wait_fraction"] = waited / record["elapsed_s"]
-                record.update(learned_rate_means(params))  # Meta-SGD's, per parameter
-                tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
-                                 if k != "step" and not k.startswith("inner_lr/")})
-            validated = bool(cfg.train.val_every) and (done % cfg.train.val_every == 0 or last)
-            if validated:
-                val = last_val = evaluate(streams.val, cfg.train.val_episodes,
-                                          cfg.data.val_split)
-                record["val_" + val["metric"]] = val["mean"]
-                record["val_" + val["metric"] + "_ci95"] = val["ci95"]
-                tracker.log_metrics({k: v for k, v in record.items() if k.startswith("val_")},
-                                    done)
-                if rank == 0:
-                    bar.write(f"step {done}: val {val['metric']} {val['mean']:.4f} "
-                              f"± {val['ci95']:.4f}")
-            history.append(record)
-            checkpointed = (bool(cfg.train.checkpoint_every)
-                            and done % cfg.train.checkpoint_every == 0)
-            path = checkpoint(done, f"step-{done:07d}.pt") if checkpointed else None
-            stopping = stats[3].item() > 0  # some worker was asked to stop
-            if stopping and not checkpointed:
-                path = checkpoint(done, f"step-{done:07d}.pt")
-            # The last step is reported once, with the final checkpoint, below; a stop
-            # with the checkpoint it resumes from.
-            due = (validated or checkpointed) and not last
-            if hooks.report is not None and (due or stopping):
-                hooks.report(record, path)
-            if stopping:
-                bar.close()
-                announce_stop(done, cfg.train.steps, path, tracker, rank,
-                              by_driver=hooks.stop is not None)
-                raise Stopped(done, None if path is None else str(path))
-    bar.close()
+            books.step_done(record, {"tasks_per_s": tasks_seen / record["elapsed_s"],
+                                     "data_wait_fraction": waited / record["elapsed_s"],
+                                     **learned_rate_means(params)},  # Meta-SGD's rates
+                            stopping=stats[3].item() > 0)
     train_seconds = time.perf_counter() - t_start
 
     # -- final checkpoint and meta-test ------------------------------------------
-    final = checkpoint(cfg.train.steps, "final.pt")
-    if cfg.train.final_test:
-        result = evaluate(streams.test, cfg.eval.episodes, cfg.data.test_split)
-    else:
-        result = last_val or evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
-    result.update(
-        run_dir=str(files.root), checkpoint=str(files.root / "checkpoints" / "final.pt"),
-        inner_loop=inner_loop, chunk=chunk, train_seconds=train_seconds, steps=cfg.train.steps,
-        resumed_from_step=start, device=str(device), workers=world,
-        data_wait_fraction=waited / max(train_seconds, 1e-9),
-    )
-    files.write_result(result, history)
-    if cfg.train.final_test:
-        tracker.log_metrics({f"test_{result['metric']}": result["mean"],
-                             f"test_{result['metric']}_ci95": result["ci95"]}, cfg.train.steps)
-    tracker.log_result(result, history)
-    if hooks.report is not None:  # last: a scheduler may end this process once it has it
-        hooks.report(history[-1] if history else {"step": cfg.train.steps}, final)
-    return result
+    return books.finish(inner_loop=inner_loop, chunk=chunk, train_seconds=train_seconds,
+                        steps=cfg.train.steps, resumed_from_step=start, device=str(device),
+                        workers=world, data_wait_fraction=waited / max(train_seconds, 1e-9))
 
 
 class RunFiles:
@@ -370,17 +326,6 @@ def discard_unused_run(root: Path) -> bool:
             return False
     shutil.rmtree(root, ignore_errors=True)
     return True
-
-
-def announce_stop(done: int, steps: int, path: Path | None, tracker, rank: int, *,
-                  by_driver: bool) -> None:
-    """Say where to resume from; a driver that passed the stop on says it itself, once."""
-    if rank != 0:
-        return
-    if not by_driver:
-        print(f"SIGTERM: stopped after step {done} of {steps}; continue with resume={path}",
-              file=sys.stderr, flush=True)
-    tracker.log_stop(done, path)
 
 
 def make_optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.Optimizer:

@@ -42,6 +42,7 @@ from metadist.data.episodes import Preprocessing
 from metadist.data.labelled import LabelledImages
 from metadist.models import build_model, model_spec
 from metadist.models.layers import DropBlock
+from metadist.training.bookkeeping import Bookkeeping
 from metadist.training.checkpoint import (
     load_trained,
     pretrained_backbone,
@@ -55,15 +56,9 @@ from metadist.training.distributed import (
     shard_bounds,
 )
 from metadist.training.evaluate import evaluate_split
-from metadist.training.loop import (
-    Hooks,
-    NullTracker,
-    RunFiles,
-    announce_stop,
-    discard_unused_run,
-)
+from metadist.training.loop import Hooks, NullTracker, RunFiles, discard_unused_run
 from metadist.training.runtime import check_finite, resolve_device, seed_everything
-from metadist.training.signals import Stopped, sigterm_deferred
+from metadist.training.signals import sigterm_deferred
 from metadist.training.streams import open_streams
 
 # The streams of random numbers a run draws, each keyed by (train.seed, stream, ...).
@@ -187,8 +182,12 @@ def _pretrain(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, 
     bar = tqdm(range(start, total), initial=start, total=total,
                disable=not cfg.train.progress or rank != 0 or not sys.stderr.isatty(),
                desc=f"{cfg.name} (pre-training)", dynamic_ncols=True)
+    books = Bookkeeping(
+        cfg, steps=total, val_every=val_every, checkpoint_every=checkpoint_every,
+        checkpoint=checkpoint, score=evaluate, streams=streams, tracker=tracker, hooks=hooks,
+        files=files, bar=bar, rank=rank, history=history,
+        label=lambda done: f"step {done} (epoch {done / per_epoch:.3g})")
     seen, waited, t_start = 0, 0.0, time.perf_counter()
-    last_val: dict[str, Any] | None = None
     with sigterm_deferred() as signalled:
         for step in bar:
             sums = torch.zeros(2, dtype=torch.float64)  # summed loss, correct predictions
@@ -223,64 +222,23 @@ def _pretrain(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, 
 
             # -- what this step records, validates, checkpoints and reports ---------
             done = step + 1
-            last = done == total
-            record = {"step": done, "epoch": done / per_epoch,
-                      "train_loss": stats[0].item() / n, "train_accuracy": stats[1].item() / n,
-                      "lr": lr, "elapsed_s": time.perf_counter() - t_start}
-            if done % cfg.train.log_every == 0 or last:
-                record["images_per_s"] = seen / record["elapsed_s"]
-                record["data_wait_fraction"] = waited / record["elapsed_s"]
-                tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
-            validated = bool(val_every) and (done % val_every == 0 or last)
-            if validated:
-                val = last_val = evaluate(streams.val, cfg.train.val_episodes,
-                                          cfg.data.val_split)
-                record["val_" + val["metric"]] = val["mean"]
-                record["val_" + val["metric"] + "_ci95"] = val["ci95"]
-                tracker.log_metrics({k: v for k, v in record.items() if k.startswith("val_")},
-                                    done)
-                if rank == 0:
-                    bar.write(f"step {done} (epoch {done / per_epoch:.3g}): val "
-                              f"{val['metric']} {val['mean']:.4f} ± {val['ci95']:.4f}")
-            history.append(record)
-            checkpointed = bool(checkpoint_every) and done % checkpoint_every == 0
-            path = checkpoint(done, f"step-{done:07d}.pt") if checkpointed else None
-            stopping = stats[3].item() > 0
-            if stopping and not checkpointed:
-                path = checkpoint(done, f"step-{done:07d}.pt")
-            due = (validated or checkpointed) and not last
-            if hooks.report is not None and (due or stopping):
-                hooks.report(record, path)
-            if stopping:
-                bar.close()
-                announce_stop(done, total, path, tracker, rank, by_driver=hooks.stop is not None)
-                raise Stopped(done, None if path is None else str(path))
-    bar.close()
+            elapsed = time.perf_counter() - t_start
+            books.step_done({"step": done, "epoch": done / per_epoch,
+                             "train_loss": stats[0].item() / n,
+                             "train_accuracy": stats[1].item() / n, "lr": lr,
+                             "elapsed_s": elapsed},
+                            {"images_per_s": seen / elapsed,
+                             "data_wait_fraction": waited / elapsed},
+                            stopping=stats[3].item() > 0)
     train_seconds = time.perf_counter() - t_start
 
     # -- final checkpoint and meta-test ------------------------------------------
-    final = checkpoint(total, "final.pt")
-    if cfg.train.final_test:
-        result = evaluate(streams.test, cfg.eval.episodes, cfg.data.test_split)
-    else:
-        result = last_val or evaluate(streams.val, cfg.train.val_episodes, cfg.data.val_split)
-    result.update(
-        stage="pretrain", run_dir=str(files.root),
-        checkpoint=str(files.root / "checkpoints" / "final.pt"), steps=total,
-        epochs=total / per_epoch, steps_per_epoch=per_epoch, classes=images.num_classes,
-        images=len(images), augment=augmentation.kind, micro_batch=groups[0][1],
-        train_seconds=train_seconds, resumed_from_step=start, device=str(device),
-        workers=world, data_wait_fraction=waited / max(train_seconds, 1e-9),
+    return books.finish(
+        stage="pretrain", steps=total, epochs=total / per_epoch, steps_per_epoch=per_epoch,
+        classes=images.num_classes, images=len(images), augment=augmentation.kind,
+        micro_batch=groups[0][1], train_seconds=train_seconds, resumed_from_step=start,
+        device=str(device), workers=world, data_wait_fraction=waited / max(train_seconds, 1e-9),
     )
-    files.write_result(result, history)
-    if cfg.train.final_test:
-        tracker.log_metrics({f"test_{result['metric']}": result["mean"],
-                             f"test_{result['metric']}_ci95": result["ci95"]}, total)
-    tracker.log_result(result, history)
-    if hooks.report is not None:
-        hooks.report(history[-1] if history else {"step": total}, final)
-    return result
 
 
 def micro_batches(p: PretrainConfig, workers: int) -> list[tuple[int, int]]:
