@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="meta-train from a YAML config, then meta-test")
+    p.__class__ = _Intermixed  # options may come after the overrides
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     p.add_argument("--resume", help="continue from this checkpoint (same as resume=PATH)")
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="supervised pre-training of the backbone on every "
                        "training class (the config's pretrain: section), then meta-test it "
                        "with a prototype head")
+    p.__class__ = _Intermixed  # options may come after the overrides
     p.add_argument("config", help="YAML config (see configs/*_pretrain_*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.epochs=10")
     p.add_argument("--resume", help="continue from this pre-training checkpoint")
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="sweep the config's tune.space with Ray Tune, then "
                        "meta-test and register the best")
+    p.__class__ = _Intermixed  # options may come after the overrides
     p.add_argument("config", help="YAML config with a tune: section (see configs/tune_*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=16")
     p.add_argument("--resume", action="store_true",
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="run rows of the papers' tables "
                        "(configs/reproduce/tables.yaml) and regenerate docs/results.md")
+    p.__class__ = _Intermixed  # options may come after the overrides
     p.add_argument("table", help="omniglot, miniimagenet or all")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every row")
     p.add_argument("--rows", help="comma-separated row ids (default: every row of the table)")

@@ -164,6 +164,21 @@ def test_submit_takes_options_among_the_overrides():
     assert args.overrides == ["workers=2", "train.steps=5"]
 
 
+@pytest.mark.parametrize("argv,option", [
+    (["train", "c.yaml", "--resume", "ck.pt"], ("resume", "ck.pt")),
+    (["pretrain", "c.yaml", "--resume", "ck.pt"], ("resume", "ck.pt")),
+    (["tune", "c.yaml", "--resume"], ("resume", True)),
+    (["reproduce", "omniglot", "--rows", "r1", "--budget", "full"], ("rows", "r1")),
+])
+def test_every_command_with_overrides_takes_them_before_or_after_its_options(argv, option):
+    from metadist.cli import build_parser
+
+    for args in (argv[:2] + ["a.b=1"] + argv[2:] + ["c.d=2"], argv + ["a.b=1", "c.d=2"]):
+        parsed = build_parser().parse_args(args)
+        assert parsed.overrides == ["a.b=1", "c.d=2"], args
+        assert getattr(parsed, option[0]) == option[1], args
+
+
 def test_a_project_is_shipped_with_this_metadist_beside_it_and_not_its_data(tmp_path):
     from ray._private.runtime_env.packaging import _get_excludes
 
