@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "algorithm.head_init)")
     p.add_argument("--shots", type=int, help="support examples per class (default: the "
                    "config's data.shots)")
+    p.add_argument("--metric", choices=["euclidean", "cosine"],
+                   help="a protonet's (or a pre-trained backbone's) prototypes: squared "
+                   "Euclidean distances or cosine similarities (default: the config's "
+                   "algorithm.metric)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="convert datasets to metadist's Parquet episode store")
@@ -194,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.checkpoint, episodes=args.episodes, split=args.split, dataset=args.dataset,
         inner_steps=args.inner_steps, queries=args.queries, ways=args.ways, shots=args.shots,
+        metric=args.metric,
     )
     print_result(result)
     return 0

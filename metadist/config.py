@@ -94,6 +94,10 @@ class AlgorithmConfig:
     # "prototypes" (Proto-MAML: the support set's class means, any number of classes) or
     # "zero" (any number of classes); None: the algorithm's own (protonet: prototypes).
     head_init: str | None = None
+    # protonet's prototypes: "euclidean" (Snell et al.: negative squared distances) or
+    # "cosine" (Chen et al.'s Classifier-Baseline: temperature x cosine similarity).
+    metric: str = "euclidean"
+    temperature: float = 10.0
 
 
 @dataclass

@@ -179,7 +179,7 @@ def adapt_to_task(model, params: dict[str, Tensor], step: MetaStep, x: Tensor, y
     params = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
         params = task_head(model, params, x, y, ways_of(y) if step.any_ways else None,
-                           step.head)
+                           step.head, metric=step.metric, scale=step.temperature)
         if step.algorithm == "protonet":  # the prototypes are the whole adaptation
             return {k: v.detach() for k, v in params.items()}
         options = step.adapt_options(params, model.head_keys)

@@ -5,6 +5,7 @@ model adapting to 20-way tasks of real Omniglot characters through the Learner."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from test_meta_gradients import image_batch, small_conv
 
 from metadist import Learner
 from metadist.algorithms import MetaStep, adapted_scores, meta_gradient
-from metadist.algorithms.heads import prototype_head, prototypes
+from metadist.algorithms.heads import prototype_head, prototypes, task_head
 from metadist.config import ConfigError, load_config
 from metadist.data import ClassStore, EpisodeSampler
 from metadist.data.episodes import MetaBatch
@@ -64,6 +65,34 @@ def test_protonet_loss_and_meta_gradient_are_snell_et_al_s(inner_loop):
             assert k.startswith("head.") and not got.any()
         else:
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
+def test_cosine_prototypes_score_temperature_times_the_cosine_similarity(inner_loop):
+    # Chen et al.'s Classifier-Baseline / Meta-Baseline metric, written out.
+    model, params = small_conv(dtype=torch.float64, ways=5)
+    batch = image_batch(tasks=2, ways=3, shots=2, queries=2, dtype=torch.float64)
+    step = MetaStep("protonet", metric="cosine", temperature=7.0)
+
+    def written_out(p, t):
+        zs = model.features(p, batch.support_x[t])
+        zq = F.normalize(model.features(p, batch.query_x[t]), dim=-1)
+        means = torch.stack([zs[batch.support_y[t] == k].mean(0) for k in range(3)])
+        return 7.0 * zq @ F.normalize(means, dim=-1).t()
+
+    head = task_head(model, params, batch.support_x[0], batch.support_y[0], 3, step.head,
+                     metric=step.metric, scale=step.temperature)
+    torch.testing.assert_close(model(head, batch.query_x[0]), written_out(params, 0))
+    grads, metrics = meta_gradient(model, params, batch, step, inner_loop=inner_loop)
+    reference = sum(F.cross_entropy(written_out(params, t), batch.query_y[t]) for t in range(2))
+    assert metrics["loss"] == pytest.approx(reference.item(), rel=1e-6)
+    expected = torch.autograd.grad(reference, list(params.values()), allow_unused=True)
+    for got, want in zip(grads.values(), expected):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # Not the Euclidean head's scores: the metric is really switched.
+    euclidean, _ = meta_gradient(model, params, batch, MetaStep("protonet"))
+    assert euclidean["conv0.weight"].sub(grads["conv0.weight"]).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("head_init", ["prototypes", "zero"])
@@ -126,6 +155,12 @@ def test_evaluation_scores_a_protonet_on_both_paths():
      "data.train_ways=10 differs from data.ways=5, and algorithm.name='maml' meta-learns a "
      "head of data.ways outputs"),
     (["data.train_ways=0", "data.dataset=/x"], "data.train_ways=0 must be >= 1"),
+    (["algorithm.metric=cosine", "data.dataset=/x"],
+     "algorithm.metric='cosine' applies to protonet's prototypes; 'maml' adapts its head"),
+    (["algorithm.metric=manhattan", "algorithm.name=protonet", "data.dataset=/x"],
+     "algorithm.metric='manhattan' is not one of ['euclidean', 'cosine']"),
+    (["algorithm.temperature=0", "algorithm.name=protonet", "data.dataset=/x"],
+     "algorithm.temperature=0.0 must be a finite number > 0"),
 ])
 def test_the_config_refuses_heads_that_cannot_work(overrides, message):
     base = ["model.name=conv4"] if "data.dataset=/x" in overrides else []
@@ -194,9 +229,17 @@ def test_a_5_way_protonet_adapts_to_20_way_tasks_of_real_characters(tmp_path, om
     initial = Learner(learner.model, learner.model.init_params(torch.Generator().manual_seed(0)),
                       learner.preprocessing, learner.step, learner.device)
     trained, untrained = accuracy(learner), accuracy(initial)
+    # Cosine prototypes through the Learner: the same answers as the evaluation path.
+    cosine_learner = Learner(learner.model, learner.params, learner.preprocessing,
+                             replace(learner.step, metric="cosine"), learner.device)
+    assert accuracy(cosine_learner) > 0.5
     # `metadist eval --ways 20` meta-tests the 5-way model on 20-way episodes.
     twenty = evaluate_checkpoint(result["checkpoint"], ways=20, episodes=10)
     assert (twenty["ways"], twenty["episodes"]) == (20, 10) and twenty["mean"] > 0.5
+    # `metadist eval --metric cosine`: the same backbone with cosine prototypes.
+    cosine = evaluate_checkpoint(result["checkpoint"], ways=20, episodes=10, metric="cosine")
+    assert cosine["head"] == "prototypes (cosine, temperature 10)" and cosine["mean"] > 0.5
+    assert cosine["mean"] != twenty["mean"] or cosine["loss"] != twenty["loss"]
     print(f"20-way accuracy of a 5-way protonet: {trained:.3f} ({untrained:.3f} untrained)")
     # Chance is 0.05; the prototypes of random features already sort some characters.
     # Meta-training must add to that by a margin a broken head could not.

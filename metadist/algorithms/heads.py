@@ -9,6 +9,11 @@ Proto-MAML (Triantafillou et al. 2020) starts MAML's inner loop from that head; 
 head (all classes equal until the inner loop moves them) is the other any-way start.
 Both are differentiable functions of the parameters, so the outer gradient flows through
 the prototypes.
+
+The prototypes' ``metric``: ``euclidean`` is the head above; ``cosine`` scores a query
+by ``scale`` times the cosine similarity of its embedding to each class mean (Chen et
+al. 2021's Classifier-Baseline and Meta-Baseline; their scale is learned, ours a fixed
+``algorithm.temperature``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 HEAD_INITS = ("learned", "prototypes", "zero")
+METRICS = ("euclidean", "cosine")
 
 
 def prototypes(features: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -30,20 +36,34 @@ def prototype_head(features: Tensor, labels: Tensor, ways: int) -> dict[str, Ten
     return {"head.weight": 2 * c, "head.bias": -(c * c).sum(-1)}
 
 
+def cosine_head(features: Tensor, labels: Tensor, ways: int, scale: float
+                ) -> dict[str, Tensor]:
+    """Unit-length class means and the scale; ``layers.head`` normalises the queries'
+    features when a head has ``head.scale``."""
+    c = F.normalize(prototypes(features, labels, ways), dim=-1)
+    return {"head.weight": c, "head.bias": c.new_zeros(ways),
+            "head.scale": c.new_tensor(float(scale))}
+
+
 def zero_head(features: Tensor, ways: int) -> dict[str, Tensor]:
     return {"head.weight": features.new_zeros(ways, features.shape[-1]),
             "head.bias": features.new_zeros(ways)}
 
 
 def task_head(model, params: dict[str, Tensor], x: Tensor, y: Tensor, ways: int, init: str,
-              impl: str = "native") -> dict[str, Tensor]:
+              impl: str = "native", metric: str = "euclidean", scale: float = 10.0
+              ) -> dict[str, Tensor]:
     """``params`` with the head for this task's ``ways`` classes: the meta-learned one
-    (``learned``), or one built from the support set (x, y)."""
+    (``learned``), or one built from the support set (x, y); prototypes by ``metric``."""
     if init == "learned":
         return params
     features = model.features(params, x, impl)
-    head = prototype_head(features, y, ways) if init == "prototypes" else zero_head(features,
-                                                                                      ways)
+    if init == "zero":
+        head = zero_head(features, ways)
+    elif metric == "cosine":
+        head = cosine_head(features, y, ways, scale)
+    else:
+        head = prototype_head(features, y, ways)
     return {**params, **head}
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metadist.algorithms.heads import HEAD_INITS, task_head, ways_of
+from metadist.algorithms.heads import HEAD_INITS, METRICS, task_head, ways_of
 from metadist.algorithms.inner_loop import (
     Model,
     Moments,
@@ -158,6 +158,9 @@ class MetaStep:
     lslr: bool = False  # MAML++: a learned rate per parameter tensor and inner step
     # MAML++: batch-norm weights and biases per inner step, meta-learned, not adapted
     per_step_bn: bool = False
+    # The prototypes' metric (protonet): squared Euclidean, or cosine times temperature.
+    metric: str = "euclidean"
+    temperature: float = 10.0
 
     def __post_init__(self) -> None:
         # The one home of these rules: a config's algorithm section is checked by building
@@ -217,6 +220,13 @@ class MetaStep:
         if self.head != "learned" and self.inner_state == "carried":
             raise bad("inner_state", "carried", f"carries the inner Adam's moments from task "
                       f"to task, and head_init {self.head!r} gives every task a head of its own")
+        if self.metric not in METRICS:
+            raise choice("metric", self.metric, METRICS)
+        if self.metric == "cosine" and self.algorithm != "protonet":
+            raise bad("metric", "cosine", f"applies to protonet's prototypes; {self.algorithm!r} "
+                      "adapts its head in an inner loop")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise bad("temperature", self.temperature, "must be a finite number > 0")
         betas = list(self.inner_betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise bad("inner_betas", betas, "must be two values in [0, 1)")
@@ -238,10 +248,10 @@ class MetaStep:
                 batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
                 return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
                            a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
-                           a.lslr, a.per_step_bn)
+                           a.lslr, a.per_step_bn, a.metric, a.temperature)
             return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
                        a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
-                       a.lslr, a.per_step_bn)
+                       a.lslr, a.per_step_bn, a.metric, a.temperature)
         except StepError as err:
             raise ValueError(f"algorithm.{keys.get(err.field, err.field)}{err.detail}") from None
 
@@ -383,7 +393,8 @@ def _task_outcome(
     classes, where its head is built from the support set. ``recompute``: the inner steps,
     and the multi-step loss's earlier query losses, are recomputed in the outer backward
     instead of kept."""
-    params = task_head(model, params, sx, sy, ways, step.head, impl)
+    params = task_head(model, params, sx, sy, ways, step.head, impl, step.metric,
+                       step.temperature)
     if step.any_ways:
         # The inner loop starts from the task's head as from a value: its gradient for a
         # body parameter is the partial one. Plain autograd would also follow the head

@@ -90,6 +90,12 @@ def head_params(ways: int, features: int, generator: torch.Generator | None = No
 
 
 def head(params: dict[str, Tensor], features: Tensor) -> Tensor:
+    """Linear scores; a head that carries ``head.scale`` is a cosine head (its rows unit
+    vectors, see ``metadist.algorithms.heads.cosine_head``): the features are normalised
+    first, so the scores are ``scale`` times the cosine similarities."""
+    if "head.scale" in params:
+        features = F.normalize(features, dim=-1)
+        return params["head.scale"] * (features @ params["head.weight"].t()) + params["head.bias"]
     return features @ params["head.weight"].t() + params["head.bias"]
 
 

@@ -132,7 +132,8 @@ def summarize(
         "inner_steps": 0 if step.algorithm == "protonet" else step.inner_steps,
         "inner_lr": ("learned" if step.algorithm == "metasgd" or step.lslr
                      else None if step.algorithm == "protonet" else step.inner_lr),
-        "head": step.head,
+        "head": step.head if step.head != "prototypes" or step.metric == "euclidean"
+        else f"prototypes ({step.metric}, temperature {step.temperature:g})",
         "batch_norm": "transductive (each episode's own statistics)",
     }
     report.update(protocol or {})
@@ -168,6 +169,7 @@ def evaluate_checkpoint(
     queries: int | None = None,
     ways: int | None = None,
     shots: int | None = None,
+    metric: str | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Meta-test a saved model under the protocol of the config it was trained with.
@@ -176,7 +178,8 @@ def evaluate_checkpoint(
     papers differ here (Finn et al.'s code tests on as many queries as shots, Nichol et
     al.'s on one), and with batch statistics taken from the queries it moves the score.
     ``ways`` and ``shots`` replace ``data.ways`` and ``data.shots``; other ways need a
-    model whose head is built per task.
+    model whose head is built per task. ``metric`` replaces ``algorithm.metric`` (a
+    protonet's, or a pre-trained backbone's, prototypes: euclidean or cosine).
     """
     dev = resolve_device(device)
     trained = load_trained(checkpoint, dev)
@@ -207,6 +210,8 @@ def evaluate_checkpoint(
     streams = open_streams(cfg.data, train_seed=cfg.train.seed, eval_seed=cfg.eval.seed)
     if inner_steps is not None:
         cfg.algorithm.test_inner_steps = inner_steps
+    if metric is not None:
+        cfg.algorithm.metric = metric
     step = MetaStep.from_config(cfg.algorithm, test=True)
     result = meta_test(
         trained.model, trained.params, streams.test, step, episodes=episodes,
