@@ -60,6 +60,10 @@ class Bookkeeping:
                               self.cfg.data.val_split)
         return self.score(self.streams.test, self.cfg.eval.episodes, self.cfg.data.test_split)
 
+    def logs(self, done: int) -> bool:
+        """Whether the step that makes ``done`` steps is logged."""
+        return done % self.cfg.train.log_every == 0 or done == self.steps
+
     def step_done(self, record: dict[str, Any], rates: dict[str, float], *,
                   stopping: bool) -> None:
         """``record`` (its "step" the steps done) is logged every ``log_every`` steps with
@@ -68,7 +72,7 @@ class Bookkeeping:
         was asked to stop, and every worker learned it in the same all-reduce."""
         done = record["step"]
         last = done == self.steps
-        if done % self.cfg.train.log_every == 0 or last:
+        if self.logs(done):
             record.update(rates)
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, done)
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()

@@ -269,10 +269,11 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
                 record["outer_lr"] = optimizer.param_groups[0]["lr"]
             if not batch.query_y.is_floating_point():
                 record["train_accuracy"] = stats[1].item() / n_tasks
-            books.step_done(record, {"tasks_per_s": tasks_seen / record["elapsed_s"],
-                                     "data_wait_fraction": waited / record["elapsed_s"],
-                                     **learned_rate_means(params)},  # Meta-SGD's rates
-                            stopping=stats[3].item() > 0)
+            rates = {"tasks_per_s": tasks_seen / record["elapsed_s"],
+                     "data_wait_fraction": waited / record["elapsed_s"]}
+            if books.logs(done):  # Meta-SGD's learned rates: a pass over every tensor
+                rates.update(learned_rate_means(params))
+            books.step_done(record, rates, stopping=stats[3].item() > 0)
     train_seconds = time.perf_counter() - t_start
 
     # -- final checkpoint and meta-test ------------------------------------------
