@@ -5,11 +5,14 @@ of α=0.01, ResNet-12 at Meta-Baseline's widths 64-160-320-640 (``--widths`` for
 smaller one), one meta-gradient over ``--tasks`` tasks per run. Rows:
 
 - ``loop``: metadist's per-task loop, every inner step's graph kept (plain second order);
-- ``loop, recomputed``: the same with ``train.recompute_inner`` (the inner steps are
-  recomputed in the outer backward, ``metadist/algorithms/recompute.py``);
+- ``loop, steps recomputed``: the same with ``train.recompute_inner`` (the inner steps
+  are recomputed in the outer backward, ``metadist/algorithms/recompute.py``);
+- ``loop, steps and query blocks recomputed``: and ``train.recompute_query`` (the query
+  forward keeps each residual block's input alone and reruns the block in the outer
+  backward, ``metadist.algorithms.meta.block_remat``);
 - ``vmap, chunk C``: ``torch.func.vmap`` over C tasks at a time (``train.chunk``; ``all``:
   every task's graph at once, what summing the tasks' losses before one backward costs),
-  kept and recomputed;
+  kept, steps recomputed, steps and query blocks recomputed;
 - ``torch.utils.checkpoint``: MAML written out with ``checkpoint(use_reentrant=False)``
   around each inner step (``torch.autograd.grad(create_graph=True)`` inside), the
   alternative the recomputation module explains it does not use;
@@ -29,7 +32,8 @@ Each row's meta-gradient is compared with the first row's (``loop``).
 
     python benchmarks/second_order_memory.py [--widths 64,160,320,640] [--tasks 4]
         [--steps 5] [--device auto] [--chunks all,1,2] [--repeats 1] [--threads 0]
-        [--rows loop,loop-recompute,vmap,vmap-recompute,torch-checkpoint,l2l]
+        [--rows loop,loop-recompute,loop-recompute-all,vmap,vmap-recompute,
+                vmap-recompute-all,torch-checkpoint,l2l]
         [--l2l-python PYTHON] [--malloc-mmap-threshold 65536]
         [--out benchmarks/results/second_order_memory.md]
 
@@ -63,7 +67,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the child of another interpreter (--l2l-python)
-ROW_KINDS = ("loop", "loop-recompute", "vmap", "vmap-recompute", "torch-checkpoint", "l2l")
+ROW_KINDS = ("loop", "loop-recompute", "loop-recompute-all", "vmap", "vmap-recompute",
+             "vmap-recompute-all", "torch-checkpoint", "l2l")
 
 
 # -- the rows, each in its own process ------------------------------------------------------
@@ -103,7 +108,8 @@ def metadist_row(row: dict, model, params, batch):
     def run() -> dict[str, torch.Tensor]:
         return meta_gradient(model, params, batch, step, inner_loop=inner_loop,
                              chunk=row.get("chunk", 0),
-                             recompute=row["kind"].endswith("recompute"))[0]
+                             recompute="-recompute" in row["kind"],
+                             recompute_query=row["kind"].endswith("-all"))[0]
 
     return run, {}
 
@@ -241,14 +247,17 @@ def plan(args) -> list[dict]:
             continue
         if kind.startswith("vmap"):
             rows += [{"kind": kind, "chunk": c,
-                      "name": f"vmap, chunk {c or 'all'}" + (", recomputed"
-                                                             if "recompute" in kind else "")}
+                      "name": f"vmap, chunk {c or 'all'}" + RECOMPUTED.get(kind[4:], "")}
                      for c in chunks if c <= args.tasks]
         else:
             rows.append({"kind": kind, "name": {
-                "loop": "loop", "loop-recompute": "loop, recomputed",
-                "torch-checkpoint": "torch.utils.checkpoint", "l2l": "learn2learn"}[kind]})
+                "torch-checkpoint": "torch.utils.checkpoint", "l2l": "learn2learn"}.get(
+                    kind, "loop" + RECOMPUTED.get(kind[4:], ""))})
     return rows
+
+
+RECOMPUTED = {"-recompute": ", steps recomputed",
+              "-recompute-all": ", steps and query blocks recomputed"}
 
 
 def probe_l2l(python: str) -> str | None:
@@ -353,8 +362,8 @@ def main() -> None:
 def render(rows: list[dict], spec: dict, args, l2l: str | None, started: datetime,
            load_before, load_after) -> str:
     measured = next((r["measured"] for r in rows if "measured" in r), "?")
-    base = next((r["peak_bytes"] for r in rows if r["kind"] == "loop" and "peak_bytes" in r),
-                None)
+    loop = next((r for r in rows if r["kind"] == "loop" and "peak_bytes" in r), None)
+    base = loop and loop["peak_bytes"]
     widths = "-".join(map(str, spec["widths"]))
     lines = [
         "# Second-order MAML's memory on ResNet-12",
@@ -379,24 +388,27 @@ def render(rows: list[dict], spec: dict, args, l2l: str | None, started: datetim
                              f"not importable by {args.l2l_python}: row left out (see the "
                              "script's docstring to build it)"),
         "",
-        "| configuration | peak memory (MiB) | vs loop | time per task (s) | "
+        "| configuration | peak memory (MiB) | vs loop | time per task (s) | vs loop | "
         "meta-gradient vs loop (relative) | notes |",
-        "|---|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if "failed" in row:
-            lines.append(f"| {row['name']} | failed | | | | {row['failed'][:120]} |")
+            lines.append(f"| {row['name']} | failed | | | | | {row['failed'][:120]} |")
             continue
         ratio = f"{row['peak_bytes'] / base:.2f}x" if base else ""
+        slower = f"{row['seconds_per_task'] / loop['seconds_per_task']:.2f}x" if loop else ""
         notes = ", ".join(f"{k} {v}" for k, v in row["notes"].items())
         if row["kind"] == "torch-checkpoint":
             per_step = row["notes"]["step runs"] / ((spec["repeats"] + 1) * spec["tasks"]
                                                    * spec["steps"])
             notes = f"{per_step:g} runs of each inner step"
         lines.append(f"| {row['name']} | {row['peak_bytes'] / 2**20:.1f} | {ratio} | "
-                     f"{row['seconds_per_task']:.3f} | {row['gradient_error']:.1e} | {notes} |")
-    lines += ["", "`loop`: one task at a time, every inner step's graph kept; `recomputed`: "
-              "`train.recompute_inner=true`; `vmap, chunk C`: C tasks per vmap call "
+                     f"{row['seconds_per_task']:.3f} | {slower} | {row['gradient_error']:.1e} | "
+                     f"{notes} |")
+    lines += ["", "`loop`: one task at a time, every inner step's graph kept; `steps "
+              "recomputed`: `train.recompute_inner=true`; `steps and query blocks recomputed`: "
+              "and `train.recompute_query=true`; `vmap, chunk C`: C tasks per vmap call "
               "(`train.chunk`), `all`: every task at once. The last numeric column is "
               "|g - g_loop| / |g_loop|: in float32 it holds round-off, which on random "
               "images and small widths is large (a float32 meta-gradient of 8-8-16-16 with "

@@ -98,6 +98,9 @@ class AlgorithmConfig:
     # "cosine" (Chen et al.'s Classifier-Baseline: temperature x cosine similarity).
     metric: str = "euclidean"
     temperature: float = 10.0
+    # Meta-Baseline's learned scale: the cosine prototypes' temperature a parameter that
+    # starts at algorithm.temperature and is meta-trained with the rest.
+    learn_temperature: bool = False
 
 
 @dataclass
@@ -110,6 +113,11 @@ class TrainConfig:
     # of a task stops growing with algorithm.inner_steps, for about one more forward and
     # inner backward per step; the same meta-gradient.
     recompute_inner: bool = False
+    # The query forward passes keep each block's input alone and recompute the block in the
+    # outer backward: a task's query graph (most of its memory at 15 queries a class)
+    # becomes one block's at a time, for one more query forward; the same meta-gradient.
+    # The Conv4 and ResNet-12 (models with blocks); any algorithm with an outer graph.
+    recompute_query: bool = False
     # Each worker's memory budget for its meta-gradients, in GB (10^9 bytes): at start-up
     # one task's peak is measured and the tasks run in chunks that fit (it sets
     # train.chunk); None: no budget.
@@ -565,7 +573,8 @@ def _validate_inner_loop(config: Config) -> None:
 
 def _validate_memory(config: Config) -> None:
     """The memory switches: a budget is a positive number and sets the chunk itself;
-    recomputation needs second-order inner steps to recompute."""
+    recomputing inner steps needs second-order ones, recomputing blocks needs a model with
+    blocks and an outer backward."""
     from metadist.algorithms.meta import MetaStep
 
     budget = config.train.max_memory_gb
@@ -585,6 +594,15 @@ def _validate_memory(config: Config) -> None:
             what = "algorithm.first_order=true takes first-order ones"
         raise ConfigError(f"train.recompute_inner=true recomputes second-order inner steps, "
                           f"and {what}, which keep no inner graph: drop train.recompute_inner")
+    if config.train.recompute_query:
+        if config.model.name not in ("conv4", "resnet12"):
+            raise ConfigError(f"train.recompute_query=true recomputes a model's blocks, and "
+                              f"model.name={config.model.name!r} has none metadist knows: use "
+                              "conv4 or resnet12, or drop train.recompute_query")
+        if step.algorithm == "reptile":
+            raise ConfigError("train.recompute_query=true recomputes the query forward in the "
+                              "outer backward, and algorithm.name='reptile' takes no outer "
+                              "backward: drop train.recompute_query")
 
 
 def _validate_heads(config: Config) -> None:

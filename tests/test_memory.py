@@ -1,7 +1,9 @@
 """Second-order meta-gradients in bounded memory: inner steps recomputed in the outer
 backward (``train.recompute_inner``) give the meta-gradient of the kept steps, on both
 paths, with learned rates and per-step batch norms, and the outer graph stops growing with
-the inner steps; chunks of tasks sum to the unchunked meta-gradient; the chunk chosen for
+the inner steps; query blocks recomputed (``train.recompute_query``) give the same
+meta-gradient for every algorithm with an outer graph and keep only the blocks' inputs;
+chunks of tasks sum to the unchunked meta-gradient; the chunk chosen for
 a memory budget (``train.max_memory_gb``) shrinks with the budget and a budget below one
 task is refused; training with both switches is training without them."""
 
@@ -153,6 +155,53 @@ def test_the_outer_graph_stops_growing_with_the_inner_steps(inner_loop):
     # Recomputed: each step adds its parameters alone (~2.6k floats, 10 kB).
     assert kept[True, 4] - kept[True, 1] < 3 * 12_000
     assert kept[True, 4] < 0.4 * kept[False, 4]
+
+
+@pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
+@pytest.mark.parametrize("method", ["maml", "maml, inner recomputed", "fomaml", "anil",
+                                    "protonet", "metasgd", "maml++"])
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_recomputed_query_blocks_give_the_same_meta_gradient(backbone, method, inner_loop):
+    model, params = small_conv(dtype=torch.float64) if backbone == "conv4" else small_resnet()
+    params = {k: v.detach() for k, v in params.items()}
+    weights, steps = None, 2
+    if method == "metasgd":
+        params, step = with_learned_rates(params, 0.3), MetaStep("metasgd", 0.3, steps)
+    elif method == "maml++":
+        norms = model.norm_keys
+        params = with_step_rates(with_step_norms(params, norms, steps), 0.3, steps,
+                                 [k for k in model.init_params() if k not in norms])
+        step = MetaStep("maml", 0.3, steps, lslr=True, per_step_bn=True)
+        weights = [0.4, 0.6]  # a query forward after each inner step
+    else:
+        step = MetaStep(method.split(",")[0], 0.3, steps)
+    params = distinct(params, 3)
+    batch = image_batch(tasks=2, dtype=torch.float64)
+    recompute = method.endswith("recomputed")
+    kept, kept_sums = meta_gradient(model, params, batch, step, inner_loop=inner_loop,
+                                    step_weights=weights, recompute=recompute)
+    got, sums = meta_gradient(model, params, batch, step, inner_loop=inner_loop,
+                              step_weights=weights, recompute=recompute, recompute_query=True)
+    assert_same(got, kept, rtol=1e-9, atol=1e-12)
+    assert sums == pytest.approx(kept_sums, rel=1e-12)
+
+
+@pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
+def test_recomputed_query_blocks_keep_only_the_blocks_inputs(inner_loop):
+    model, params = small_resnet()
+    batch = image_batch(tasks=1, queries=10, dtype=torch.float64)
+    kept = {}
+    for recompute in (False, True):
+        for query in (False, True):
+            losses, *_ = _run_tasks(model, params, *batch, MetaStep("maml", 0.3, 2),
+                                    inner_loop, outer_graph=True, recompute=recompute,
+                                    recompute_query=query)
+            kept[recompute, query] = kept_bytes(losses.sum())
+    # 30 query images against 3 support images: the query's graph is most of a task's.
+    assert kept[False, True] < 0.45 * kept[False, False]
+    # Both: the inputs of the steps and of the query's blocks, a tenth of the plain graph.
+    assert kept[True, True] < 0.1 * kept[False, False]
+    assert kept[True, True] < 0.3 * kept[True, False]
 
 
 def test_recomputation_reruns_the_steps_under_the_forward_s_autocast():
@@ -317,10 +366,40 @@ def test_a_budget_below_one_task_is_refused_before_training(tmp_path, one_task_t
      "and algorithm.first_order=true takes first-order ones"),
     (["train.recompute_inner=true", "algorithm.name=reptile", "algorithm.outer_optimizer=sgd"],
      "algorithm.name='reptile' takes first-order ones"),
+    (["train.recompute_query=true"],
+     "train.recompute_query=true recomputes a model's blocks, and model.name='mlp' has none"),
 ])
 def test_memory_switches_that_cannot_apply_are_refused(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         sinusoid(tmp_path, *overrides)
+
+
+def test_recomputing_query_blocks_is_refused_for_reptile(tmp_path, omniglot_small):
+    with pytest.raises(ConfigError, match=re.escape(
+            "algorithm.name='reptile' takes no outer backward: drop train.recompute_query")):
+        load_config(ROOT / "configs" / "omniglot_5w1s_reptile.yaml",
+                    [f"data.dataset={omniglot_small}", "train.recompute_query=true"])
+
+
+def test_a_resnet12_trains_the_same_with_every_block_and_step_recomputed(tmp_path,
+                                                                         omniglot_small):
+    def run(name, *switches):
+        return train(load_config(ROOT / "configs" / "omniglot_5w1s_maml.yaml", [
+            f"data.dataset={omniglot_small}", "model.name=resnet12",
+            "model.widths=[4,4,8,8]", "algorithm.meta_batch_size=2", "data.queries=2",
+            "algorithm.inner_steps=2", "train.steps=2", "train.val_every=0",
+            "eval.episodes=2", "train.progress=false", "tracking.enabled=false",
+            "train.inner_loop=loop", "train.threads=1", f"train.output_dir={tmp_path / name}",
+            *switches]))
+
+    plain = run("plain")
+    both = run("both", "train.recompute_inner=true", "train.recompute_query=true")
+    a, b = (load_checkpoint(r["checkpoint"]) for r in (plain, both))
+    assert b["config"]["train"]["recompute_query"] is True
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-5, atol=1e-7)
+    assert [h["train_loss"] for h in b["history"]] == pytest.approx(
+        [h["train_loss"] for h in a["history"]], rel=1e-6)
 
 
 def test_recomputation_with_first_order_steps_first_is_annealed_maml(tmp_path):

@@ -17,7 +17,7 @@ from test_meta_gradients import image_batch, small_conv
 
 from metadist import Learner
 from metadist.algorithms import MetaStep, adapted_scores, meta_gradient
-from metadist.algorithms.heads import prototype_head, prototypes, task_head
+from metadist.algorithms.heads import TEMPERATURE_KEY, prototype_head, prototypes, task_head
 from metadist.config import ConfigError, load_config
 from metadist.data import ClassStore, EpisodeSampler
 from metadist.data.episodes import MetaBatch
@@ -95,6 +95,62 @@ def test_cosine_prototypes_score_temperature_times_the_cosine_similarity(inner_l
     assert euclidean["conv0.weight"].sub(grads["conv0.weight"]).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
+def test_a_learned_temperature_scales_the_cosine_prototypes_and_gets_its_gradient(inner_loop):
+    # Meta-Baseline: the scale is a parameter, the gradient of the loss written out.
+    model, params = small_conv(dtype=torch.float64, ways=5)
+    params = {**params, TEMPERATURE_KEY: torch.tensor(4.0, dtype=torch.float64,
+                                                      requires_grad=True)}
+    batch = image_batch(tasks=2, ways=3, shots=2, queries=2, dtype=torch.float64)
+    step = MetaStep("protonet", metric="cosine", temperature=10.0, learn_temperature=True)
+
+    def written_out(p, t):
+        zs = model.features(p, batch.support_x[t])
+        zq = F.normalize(model.features(p, batch.query_x[t]), dim=-1)
+        means = torch.stack([zs[batch.support_y[t] == k].mean(0) for k in range(3)])
+        return p[TEMPERATURE_KEY] * zq @ F.normalize(means, dim=-1).t()
+
+    grads, metrics = meta_gradient(model, params, batch, step, inner_loop=inner_loop)
+    reference = sum(F.cross_entropy(written_out(params, t), batch.query_y[t]) for t in range(2))
+    assert metrics["loss"] == pytest.approx(reference.item(), rel=1e-6)
+    expected = torch.autograd.grad(reference, list(params.values()), allow_unused=True)
+    for got, want in zip(grads.values(), expected):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert grads[TEMPERATURE_KEY].abs() > 1e-6  # the temperature is reached
+    # The parameter, not algorithm.temperature (10), scales the scores.
+    head = task_head(model, params, batch.support_x[0], batch.support_y[0], 3, step.head,
+                     metric="cosine", scale=10.0)
+    assert head["head.scale"] is params[TEMPERATURE_KEY]
+
+
+def test_a_learned_temperature_trains_checkpoints_resumes_and_is_reported(tmp_path,
+                                                                          omniglot_small):
+    learned = ["algorithm.metric=cosine", "algorithm.learn_temperature=true",
+               "algorithm.temperature=5", "train.checkpoint_every=2"]
+    whole = train(protonet_config(omniglot_small, tmp_path / "a", "train.steps=4", *learned))
+    a = load_checkpoint(whole["checkpoint"])
+    first = load_checkpoint(Path(whole["run_dir"]) / "checkpoints" / "step-0000002.pt")
+    assert first["params"][TEMPERATURE_KEY].item() != 5.0  # it moved from its start
+    assert a["params"][TEMPERATURE_KEY].item() != first["params"][TEMPERATURE_KEY].item()
+    value = a["params"][TEMPERATURE_KEY].item()
+    assert whole["head"] == f"prototypes (cosine, learned temperature {value:.4g})"
+    history = [h for h in a["history"] if "temperature" in h]
+    assert history and history[-1]["temperature"] == pytest.approx(value)
+    resumed = train(protonet_config(omniglot_small, tmp_path / "b", "train.steps=4", *learned),
+                    resume=Path(whole["run_dir"]) / "checkpoints" / "step-0000002.pt")
+    b = load_checkpoint(resumed["checkpoint"])
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=0, atol=0)
+    # The Learner and `metadist eval` score with the learned value.
+    learner = Learner.load(whole["checkpoint"])
+    assert learner.params[TEMPERATURE_KEY].item() == value
+    again = evaluate_checkpoint(whole["checkpoint"], episodes=20)
+    assert again["mean"] == whole["mean"] and again["head"] == whole["head"]
+    euclidean = evaluate_checkpoint(whole["checkpoint"], episodes=20, metric="euclidean")
+    assert euclidean["head"] == "prototypes"
+
+
 @pytest.mark.parametrize("head_init", ["prototypes", "zero"])
 def test_a_head_built_per_task_gets_the_meta_gradient_of_finite_differences(head_init):
     # Proto-MAML: the outer gradient flows through the prototypes into the body.
@@ -161,6 +217,9 @@ def test_evaluation_scores_a_protonet_on_both_paths():
      "algorithm.metric='manhattan' is not one of ['euclidean', 'cosine']"),
     (["algorithm.temperature=0", "algorithm.name=protonet", "data.dataset=/x"],
      "algorithm.temperature=0.0 must be a finite number > 0"),
+    (["algorithm.learn_temperature=true", "algorithm.name=protonet", "data.dataset=/x"],
+     "algorithm.learn_temperature=True learns the cosine prototypes' scale, and metric "
+     "'euclidean' has none: set algorithm.metric=cosine"),
 ])
 def test_the_config_refuses_heads_that_cannot_work(overrides, message):
     base = ["model.name=conv4"] if "data.dataset=/x" in overrides else []

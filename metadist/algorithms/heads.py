@@ -12,8 +12,9 @@ the prototypes.
 
 The prototypes' ``metric``: ``euclidean`` is the head above; ``cosine`` scores a query
 by ``scale`` times the cosine similarity of its embedding to each class mean (Chen et
-al. 2021's Classifier-Baseline and Meta-Baseline; their scale is learned, ours a fixed
-``algorithm.temperature``).
+al. 2021's Classifier-Baseline and Meta-Baseline): ``algorithm.temperature``, or, with
+``algorithm.learn_temperature``, a parameter ``temperature`` that starts there and is
+meta-learned with the rest (Meta-Baseline's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch import Tensor
 
 HEAD_INITS = ("learned", "prototypes", "zero")
 METRICS = ("euclidean", "cosine")
+# The cosine prototypes' learned scale, a scalar among the parameters when learned.
+TEMPERATURE_KEY = "temperature"
 
 
 def prototypes(features: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -36,13 +39,15 @@ def prototype_head(features: Tensor, labels: Tensor, ways: int) -> dict[str, Ten
     return {"head.weight": 2 * c, "head.bias": -(c * c).sum(-1)}
 
 
-def cosine_head(features: Tensor, labels: Tensor, ways: int, scale: float
+def cosine_head(features: Tensor, labels: Tensor, ways: int, scale: float | Tensor
                 ) -> dict[str, Tensor]:
-    """Unit-length class means and the scale; ``layers.head`` normalises the queries'
-    features when a head has ``head.scale``."""
+    """Unit-length class means and the scale (a learned one stays a tensor, so the outer
+    gradient reaches it); ``layers.head`` normalises the queries' features when a head has
+    ``head.scale``."""
     c = F.normalize(prototypes(features, labels, ways), dim=-1)
-    return {"head.weight": c, "head.bias": c.new_zeros(ways),
-            "head.scale": c.new_tensor(float(scale))}
+    if not isinstance(scale, Tensor):
+        scale = c.new_tensor(float(scale))
+    return {"head.weight": c, "head.bias": c.new_zeros(ways), "head.scale": scale}
 
 
 def zero_head(features: Tensor, ways: int) -> dict[str, Tensor]:
@@ -54,14 +59,15 @@ def task_head(model, params: dict[str, Tensor], x: Tensor, y: Tensor, ways: int,
               impl: str = "native", metric: str = "euclidean", scale: float = 10.0
               ) -> dict[str, Tensor]:
     """``params`` with the head for this task's ``ways`` classes: the meta-learned one
-    (``learned``), or one built from the support set (x, y); prototypes by ``metric``."""
+    (``learned``), or one built from the support set (x, y); prototypes by ``metric``,
+    cosine ones scaled by ``params[TEMPERATURE_KEY]`` where learned, else ``scale``."""
     if init == "learned":
         return params
     features = model.features(params, x, impl)
     if init == "zero":
         head = zero_head(features, ways)
     elif metric == "cosine":
-        head = cosine_head(features, y, ways, scale)
+        head = cosine_head(features, y, ways, params.get(TEMPERATURE_KEY, scale))
     else:
         head = prototype_head(features, y, ways)
     return {**params, **head}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metadist.algorithms.heads import HEAD_INITS, METRICS, task_head, ways_of
+from metadist.algorithms.heads import HEAD_INITS, METRICS, TEMPERATURE_KEY, task_head, ways_of
 from metadist.algorithms.inner_loop import (
     Model,
     Moments,
@@ -40,6 +40,7 @@ from metadist.algorithms.inner_loop import (
     output_loss,
 )
 from metadist.algorithms.recompute import recomputed
+from metadist.models.layers import Remat
 
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "metasgd", "protonet")
 # Meta-SGD's learned inner learning rates live in the parameters, one tensor per model
@@ -82,8 +83,11 @@ def with_step_norms(params: Params, norm_keys: Iterable[str], steps: int) -> Par
 def extra_shapes(shapes: dict[str, tuple[int, ...]], algorithm,
                  norm_keys: Sequence[str] = ()) -> dict[str, tuple[int, ...]]:
     """The shapes of the parameters an ``AlgorithmConfig`` adds to a model's of
-    ``shapes`` (learned rates, per-step batch norm): what a checkpoint must hold beside
-    them. ``norm_keys``: the model's batch-norm weights and biases."""
+    ``shapes`` (learned rates, per-step batch norm, a learned temperature): what a
+    checkpoint must hold beside them. ``norm_keys``: the model's batch-norm weights and
+    biases."""
+    if algorithm.learn_temperature:
+        return {TEMPERATURE_KEY: ()}
     if algorithm.name == "metasgd":
         return {RATE_PREFIX + k: shape for k, shape in shapes.items()}
     norms = tuple(norm_keys) if algorithm.per_step_bn else ()
@@ -97,8 +101,11 @@ def extra_shapes(shapes: dict[str, tuple[int, ...]], algorithm,
 
 def learned_rate_means(params: Params) -> dict[str, float]:
     """The learned rates, for the record: Meta-SGD's mean per parameter
-    (``inner_lr/NAME``), LSLR's per parameter and step (``inner_lr/NAME/step-T``)."""
+    (``inner_lr/NAME``), LSLR's per parameter and step (``inner_lr/NAME/step-T``); and a
+    learned temperature (``temperature``)."""
     out = {}
+    if TEMPERATURE_KEY in params:
+        out["temperature"] = params[TEMPERATURE_KEY].detach().item()
     for k, v in params.items():
         if k.startswith(RATE_PREFIX):
             out[f"inner_lr/{k[len(RATE_PREFIX):]}"] = v.detach().mean().item()
@@ -161,6 +168,7 @@ class MetaStep:
     # The prototypes' metric (protonet): squared Euclidean, or cosine times temperature.
     metric: str = "euclidean"
     temperature: float = 10.0
+    learn_temperature: bool = False  # a meta-learned ``TEMPERATURE_KEY`` starts at it
 
     def __post_init__(self) -> None:
         # The one home of these rules: a config's algorithm section is checked by building
@@ -227,6 +235,9 @@ class MetaStep:
                       "adapts its head in an inner loop")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise bad("temperature", self.temperature, "must be a finite number > 0")
+        if self.learn_temperature and self.metric != "cosine":
+            raise bad("learn_temperature", True, f"learns the cosine prototypes' scale, and "
+                      f"metric {self.metric!r} has none: set algorithm.metric=cosine")
         betas = list(self.inner_betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise bad("inner_betas", betas, "must be two values in [0, 1)")
@@ -248,10 +259,11 @@ class MetaStep:
                 batch = a.inner_batch if a.test_inner_batch is None else a.test_inner_batch
                 return cls(a.name, a.inner_lr, a.test_inner_steps, True, batch,
                            a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
-                           a.lslr, a.per_step_bn, a.metric, a.temperature)
+                           a.lslr, a.per_step_bn, a.metric, a.temperature,
+                           a.learn_temperature)
             return cls(a.name, a.inner_lr, a.inner_steps, a.first_order, a.inner_batch,
                        a.inner_optimizer, tuple(a.inner_betas), a.inner_state, a.head_init,
-                       a.lslr, a.per_step_bn, a.metric, a.temperature)
+                       a.lslr, a.per_step_bn, a.metric, a.temperature, a.learn_temperature)
         except StepError as err:
             raise ValueError(f"algorithm.{keys.get(err.field, err.field)}{err.detail}") from None
 
@@ -387,14 +399,17 @@ def _task_outcome(
     ways: int | None = None,
     step_weights: Sequence[float] | None = None,
     recompute: bool = False,
+    recompute_query: bool = False,
 ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
     """Adapt on the support set, starting Adam from ``moments`` (None: zero); return
     (query loss, query accuracy, adapted params, Adam's end moments). ``ways``: the task's
     classes, where its head is built from the support set. ``recompute``: the inner steps,
     and the multi-step loss's earlier query losses, are recomputed in the outer backward
-    instead of kept."""
+    instead of kept. ``recompute_query``: the query forward passes keep each block's
+    input alone and recompute the block in the outer backward (``block_remat``)."""
     params = task_head(model, params, sx, sy, ways, step.head, impl, step.metric,
                        step.temperature)
+    remat = {"remat": block_remat(functional)} if recompute_query else {}
     if step.any_ways:
         # The inner loop starts from the task's head as from a value: its gradient for a
         # body parameter is the partial one. Plain autograd would also follow the head
@@ -403,12 +418,12 @@ def _task_outcome(
         functional = True
     if step.algorithm == "protonet":  # the prototypes are the whole adaptation
         adapted, end = params, {}
-        out = model(params, qx, impl)
+        out = model(params, qx, impl, **remat)
     elif step.algorithm == "anil":
         head_keys = list(model.head_keys)
         head = _Head(model)
         s_feat = model.features(params, sx, impl)
-        q_feat = model.features(params, qx, impl)
+        q_feat = model.features(params, qx, impl, **remat)
         options = step.adapt_options(params, head_keys)
         head_params, (_, end) = adapt_with_moments(
             head, {k: params[k] for k in head_keys}, s_feat, sy, first_order=first_order,
@@ -424,7 +439,7 @@ def _task_outcome(
             functional=functional, order=order, moments=moments, trajectory=trajectory,
             recompute=recompute, **step.adapt_options(params),
         )
-        out = model(adapted, qx, impl)
+        out = model(adapted, qx, impl, **remat)
     loss = output_loss(out, qy)
     if step_weights is not None and trajectory:
         if len(step_weights) != len(trajectory):
@@ -433,7 +448,7 @@ def _task_outcome(
         def query_loss(params: Params) -> Tensor:
             if recompute and not first_order:
                 return _recomputed_query_loss(model, params, qx, qy, impl, functional)
-            return output_loss(model(params, qx, impl), qy)
+            return output_loss(model(params, qx, impl, **remat), qy)
 
         loss = sum(w * query_loss(p)
                    for w, p in zip(step_weights[:-1], trajectory[:-1])) + step_weights[-1] * loss
@@ -442,6 +457,19 @@ def _task_outcome(
     else:
         acc = torch.zeros((), dtype=out.dtype, device=out.device)
     return loss, acc, adapted, end
+
+
+def block_remat(functional: bool) -> Remat:
+    """A ``Remat`` that makes each model block one ``recomputed`` node: the forward keeps
+    the block's input and weights alone, and the outer backward runs the block again to
+    differentiate it. A query forward so keeps one block's graph at a time instead of the
+    whole network's; the gradient is the same (the block is deterministic: batch norm takes
+    the batch's statistics, and nothing random runs in meta-training)."""
+    def remat(block: Callable[..., Tensor], h: Tensor, *weights: Tensor) -> Tensor:
+        def fn(*inputs: Tensor, create_graph: bool) -> tuple[Tensor]:
+            return (block(*inputs),)
+        return recomputed(fn, h, *weights, functional=functional)[0]
+    return remat
 
 
 def _recomputed_query_loss(model: Model, params: Params, qx: Tensor, qy: Tensor,
@@ -468,13 +496,15 @@ def meta_gradient(
     carried: CarriedMoments | None = None,
     step_weights: Sequence[float] | None = None,
     recompute: bool = False,
+    recompute_query: bool = False,
 ) -> tuple[Params, dict[str, float]]:
     """Sum over the batch's tasks of each task's meta-gradient, and summed metrics.
     ``step_weights``: MAML++'s multi-step loss, the query loss after each inner step
     weighted (``multi_step_weights``); None: the query loss after the last step.
     ``chunk``: vmap's tasks per call (0: all), each chunk's outer graph built, summed and
     freed before the next; the loop takes one task at a time. ``recompute``: second-order
-    inner steps are recomputed in the outer backward instead of kept (``recompute.py``).
+    inner steps are recomputed in the outer backward instead of kept (``recompute.py``);
+    ``recompute_query``: so are the query forward passes' blocks (``block_remat``).
 
     MAML/FOMAML/ANIL: the gradient of the query loss after adaptation. Reptile: θ - φ,
     so that an SGD outer step of rate β moves θ by β(φ - θ). ``order``: each task's inner
@@ -508,6 +538,7 @@ def meta_gradient(
             losses, accs, _, end = _run_tasks(
                 model, params, sx, sy, qx, qy, step, inner_loop, outer_graph=True, order=o,
                 moments=start, step_weights=step_weights, recompute=recompute,
+                recompute_query=recompute_query,
             )
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
             for i, g in enumerate(grads):
@@ -577,6 +608,7 @@ def _run_tasks(
     moments: Moments | None = None,
     step_weights: Sequence[float] | None = None,
     recompute: bool = False,
+    recompute_query: bool = False,
 ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
     """Per-task (loss [T], accuracy [T], adapted params [T, ...], Adam's end moments
     [T, ...]) for a slice of tasks, each starting Adam from ``moments``."""
@@ -592,6 +624,7 @@ def _run_tasks(
                 loss, acc, adapted, end = _task_outcome(
                     model, params, sx[t], sy[t], qx[t], qy[t], step, impl, False, first_order,
                     None if order is None else order[t], moments, ways, step_weights, recompute,
+                    recompute_query and outer_graph,
                 )
                 if not outer_graph:
                     loss, acc = loss.detach(), acc.detach()
@@ -609,7 +642,8 @@ def _run_tasks(
     def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, order: Tensor | None
                  ) -> tuple[Tensor, Tensor, Params, dict[str, tuple[Tensor, Tensor]]]:
         return _task_outcome(model, params, sx, sy, qx, qy, step, impl, True, first_order,
-                             order, moments, ways, step_weights, recompute)
+                             order, moments, ways, step_weights, recompute,
+                             recompute_query and outer_graph)
 
     grad_mode: Callable = torch.enable_grad if outer_graph else torch.no_grad
     in_dims = (0, 0, 0, 0, None if order is None else 0)

@@ -66,15 +66,21 @@ class Conv4:
             channels = self.hidden
         return {**params, **layers.head_params(self.ways, self.feature_dim, generator)}
 
-    def features(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
+    def features(self, params: Params, x: Tensor, impl: str = "native",
+                 remat: layers.Remat | None = None) -> Tensor:
+        """``remat``: each block runs through it (``layers.Remat``)."""
         stride = 2 if self.pool == "stride" else 1
+
+        def block(h: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor) -> Tensor:
+            h = torch.relu(layers.batch_norm(layers.conv2d(h, weight, stride, impl),
+                                             bn_weight, bn_bias, impl))
+            return layers.max_pool2(h, impl) if self.pool == "max" else h
+
+        run = remat or layers.run_block
         h = layers.to_layout(x, impl)
         for i in range(self.blocks):
-            h = layers.conv2d(h, params[f"conv{i}.weight"], stride, impl)
-            h = layers.batch_norm(h, params[f"bn{i}.weight"], params[f"bn{i}.bias"], impl)
-            h = torch.relu(h)
-            if self.pool == "max":
-                h = layers.max_pool2(h, impl)
+            h = run(block, h, params[f"conv{i}.weight"], params[f"bn{i}.weight"],
+                    params[f"bn{i}.bias"])
         h = layers.to_nchw(h, impl)
         if self.readout == "mean":
             return h.mean(dim=(2, 3))
@@ -83,5 +89,6 @@ class Conv4:
     def head(self, params: Params, features: Tensor) -> Tensor:
         return layers.head(params, features)
 
-    def __call__(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
-        return self.head(params, self.features(params, x, impl))
+    def __call__(self, params: Params, x: Tensor, impl: str = "native",
+                 remat: layers.Remat | None = None) -> Tensor:
+        return self.head(params, self.features(params, x, impl, remat))

@@ -80,6 +80,18 @@ def max_pool2(x: Tensor, impl: str) -> Tensor:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).amax(dim=(2, 4))
 
 
+# A model's blocks run through one of these when a caller passes it:
+# ``remat(block, h, *weights)`` returns ``block(h, *weights)``, the block's output, however
+# it keeps (or does not keep) what the block's backward needs. The algorithms pass one that
+# recomputes each block in the backward pass (``train.recompute_query``).
+Remat = Callable[..., Tensor]
+
+
+def run_block(block: Callable[..., Tensor], h: Tensor, *weights: Tensor) -> Tensor:
+    """The plain ``Remat``: the block, its graph kept."""
+    return block(h, *weights)
+
+
 def head_params(ways: int, features: int, generator: torch.Generator | None = None
                 ) -> dict[str, Tensor]:
     """The linear head every few-shot model ends in: ``head.weight`` [ways, features]

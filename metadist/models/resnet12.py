@@ -98,24 +98,34 @@ class ResNet12:
         return {**params, **layers.head_params(self.ways, self.feature_dim, generator)}
 
     def features(self, params: Params, x: Tensor, impl: str = "native",
-                 drop: layers.DropBlock | None = None) -> Tensor:
-        """The pooled features; ``drop``: DropBlock after blocks 3 and 4 (training only)."""
+                 drop: layers.DropBlock | None = None,
+                 remat: layers.Remat | None = None) -> Tensor:
+        """The pooled features; ``drop``: DropBlock after blocks 3 and 4 (training only);
+        ``remat``: each residual block runs through it (``layers.Remat``)."""
         if drop is not None and impl != "native":
             raise ValueError("DropBlock runs on the native layers only")
+
+        def residual(h: Tensor, *weights: Tensor) -> Tensor:
+            conv, norm = weights[0:3], weights[3:9]
+            out = h
+            for j in range(3):
+                out = layers.batch_norm(layers.conv2d(out, conv[j], 1, impl),
+                                        norm[2 * j], norm[2 * j + 1], impl)
+                if j < 2:
+                    out = F.leaky_relu(out, LEAKY_SLOPE)
+            shortcut = layers.batch_norm(layers.conv1x1(h, weights[9], impl),
+                                         weights[10], weights[11], impl)
+            return layers.max_pool2(F.leaky_relu(out + shortcut, LEAKY_SLOPE), impl)
+
+        run = remat or layers.run_block
         h = layers.to_layout(x, impl)
         for block in range(1, 5):
             p = f"layer{block}."
-            out = h
-            for j in (1, 2, 3):
-                out = layers.conv2d(out, params[f"{p}conv{j}.weight"], 1, impl)
-                out = layers.batch_norm(out, params[f"{p}bn{j}.weight"],
-                                        params[f"{p}bn{j}.bias"], impl)
-                if j < 3:
-                    out = F.leaky_relu(out, LEAKY_SLOPE)
-            shortcut = layers.batch_norm(
-                layers.conv1x1(h, params[f"{p}downsample.0.weight"], impl),
-                params[f"{p}downsample.1.weight"], params[f"{p}downsample.1.bias"], impl)
-            h = layers.max_pool2(F.leaky_relu(out + shortcut, LEAKY_SLOPE), impl)
+            h = run(residual, h,
+                    *(params[f"{p}conv{j}.weight"] for j in (1, 2, 3)),
+                    *(params[f"{p}bn{j}.{w}"] for j in (1, 2, 3) for w in ("weight", "bias")),
+                    params[f"{p}downsample.0.weight"], params[f"{p}downsample.1.weight"],
+                    params[f"{p}downsample.1.bias"])
             if drop is not None and block in DROPBLOCK_BLOCKS:
                 h = layers.drop_block(h, drop, block)
         return layers.to_nchw(h, impl).mean(dim=(2, 3))
@@ -123,6 +133,7 @@ class ResNet12:
     def head(self, params: Params, features: Tensor) -> Tensor:
         return layers.head(params, features)
 
-    def __call__(self, params: Params, x: Tensor, impl: str = "native") -> Tensor:
-        return self.head(params, self.features(params, x, impl))
+    def __call__(self, params: Params, x: Tensor, impl: str = "native",
+                 remat: layers.Remat | None = None) -> Tensor:
+        return self.head(params, self.features(params, x, impl, remat=remat))
 

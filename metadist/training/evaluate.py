@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from metadist.algorithms import CarriedMoments, MetaStep, adapted_scores
+from metadist.algorithms import TEMPERATURE_KEY, CarriedMoments, MetaStep, adapted_scores
 from metadist.config import Config
 from metadist.data.episodes import MetaBatch
 from metadist.training.checkpoint import load_trained
@@ -40,7 +40,7 @@ def meta_test(
         inner_loop=inner_loop, chunk=chunk, device=device, order_seed=order_seed,
         carried=carried,
     )
-    return summarize(loss, acc, classification, step, protocol)
+    return summarize(loss, acc, classification, step, protocol, learned_temperature(params))
 
 
 def evaluate_split(
@@ -70,7 +70,8 @@ def evaluate_split(
     full = torch.zeros(2, episodes, dtype=torch.float64)
     full[0, lo:hi], full[1, lo:hi] = loss, acc
     full = all_reduce_sum([full])[0]
-    return summarize(full[0], full[1], classification, step, protocol(cfg, split, episodes))
+    return summarize(full[0], full[1], classification, step, protocol(cfg, split, episodes),
+                     learned_temperature(params))
 
 
 def episode_scores(
@@ -112,6 +113,7 @@ def summarize(
     classification: bool,
     step: MetaStep,
     protocol: dict[str, Any] | None = None,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     values = acc if classification else loss
     if not values.numel():
@@ -133,11 +135,19 @@ def summarize(
         "inner_lr": ("learned" if step.algorithm == "metasgd" or step.lslr
                      else None if step.algorithm == "protonet" else step.inner_lr),
         "head": step.head if step.head != "prototypes" or step.metric == "euclidean"
-        else f"prototypes ({step.metric}, temperature {step.temperature:g})",
+        else f"prototypes ({step.metric}, temperature {step.temperature:g})"
+        if temperature is None else
+        f"prototypes ({step.metric}, learned temperature {temperature:.4g})",
         "batch_norm": "transductive (each episode's own statistics)",
     }
     report.update(protocol or {})
     return report
+
+
+def learned_temperature(params: dict[str, torch.Tensor]) -> float | None:
+    """The cosine prototypes' scale where it is a parameter (``learn_temperature``)."""
+    value = params.get(TEMPERATURE_KEY)
+    return None if value is None else value.detach().item()
 
 
 def confidence_95(values: torch.Tensor) -> float:
@@ -212,6 +222,8 @@ def evaluate_checkpoint(
         cfg.algorithm.test_inner_steps = inner_steps
     if metric is not None:
         cfg.algorithm.metric = metric
+        # A learned temperature scales cosine prototypes only; other metrics leave it be.
+        cfg.algorithm.learn_temperature &= metric == "cosine"
     step = MetaStep.from_config(cfg.algorithm, test=True)
     result = meta_test(
         trained.model, trained.params, streams.test, step, episodes=episodes,

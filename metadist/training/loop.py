@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from metadist.algorithms import (
+    TEMPERATURE_KEY,
     CarriedMoments,
     MetaStep,
     learned_rate_means,
@@ -117,12 +118,15 @@ def train(
 def initial_params(cfg: Config, model, meta_step: MetaStep) -> dict[str, torch.Tensor]:
     """The parameters a run starts from (seeded by train.seed): the model's, its backbone
     from ``model.pretrained`` where set, and the learned rates and per-step batch norms
-    its algorithm adds (per-step batch norms start from the pre-trained ones)."""
+    its algorithm adds (per-step batch norms start from the pre-trained ones; a learned
+    temperature from ``algorithm.temperature``)."""
     params = model.init_params(torch.Generator().manual_seed(cfg.train.seed))
     if cfg.model.pretrained:  # the backbone from a checkpoint; the head stays seeded
         params.update(pretrained_backbone(cfg.model.pretrained, model))
     if meta_step.algorithm == "metasgd":
         params = with_learned_rates(params, cfg.algorithm.inner_lr)
+    if meta_step.learn_temperature:  # Meta-Baseline's scale, from algorithm.temperature
+        params[TEMPERATURE_KEY] = torch.tensor(float(cfg.algorithm.temperature))
     norms = model.norm_keys if meta_step.per_step_bn else ()
     if meta_step.lslr:  # a rate for every parameter the inner loop adapts
         params = with_step_rates(params, cfg.algorithm.inner_lr, cfg.algorithm.inner_steps,
@@ -240,6 +244,7 @@ def _train(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, hoo
                 grads, sums = meta_gradient(
                     model, params, batch, this_step, inner_loop=inner_loop, chunk=chunk,
                     order=order, carried=carried, recompute=recompute,
+                    recompute_query=cfg.train.recompute_query,
                     step_weights=multi_step_weights(meta_step.inner_steps, step,
                                                     cfg.algorithm.msl_steps),
                 )
@@ -396,7 +401,8 @@ def agree_on_inner_loop(model, params, streams: Streams, step: MetaStep, cfg: Co
     if rank == 0:
         probe, order = probe_batch(streams, step, cfg, tasks, device)
         picked = pick_inner_loop(model, params, probe, step, chunks["vmap"], order,
-                                 recompute=cfg.train.recompute_inner)
+                                 recompute=cfg.train.recompute_inner,
+                                 recompute_query=cfg.train.recompute_query)
         choice[0] = float(picked == "vmap")
     return "vmap" if all_reduce_sum([choice])[0].item() > 0 else "loop"
 
@@ -417,7 +423,8 @@ def agree_on_chunks(model, params, streams: Streams, step: MetaStep, cfg: Config
         for i, path in enumerate(paths):
             need, what = one_task_peak(
                 model, params, probe, step, path, order, cfg.train.recompute_inner, device,
-                multi_step_weights(step.inner_steps, 0, cfg.algorithm.msl_steps))
+                multi_step_weights(step.inner_steps, 0, cfg.algorithm.msl_steps),
+                recompute_query=cfg.train.recompute_query)
             try:  # the loop takes one task at a time
                 chunk = chunk_for_budget(budget, need, tasks if path == "vmap" else 1)
             except MemoryBudgetError:
@@ -427,7 +434,9 @@ def agree_on_chunks(model, params, streams: Streams, step: MetaStep, cfg: Config
                 f"{chunk} of {tasks} tasks at a time" if chunk else "does not fit"))
         tqdm.write(f"memory (train.max_memory_gb={budget:g}, one task's meta-gradient, "
                    f"{what}" + (", inner steps recomputed" if cfg.train.recompute_inner
-                                else "") + "): " + "; ".join(notes))
+                                else "")
+                   + (", query blocks recomputed" if cfg.train.recompute_query else "")
+                   + "): " + "; ".join(notes))
     measured = all_reduce_sum([measured])[0]
     chunks = {path: int(measured[2 * i].item()) for i, path in enumerate(paths)
               if measured[2 * i].item() > 0}
@@ -439,7 +448,8 @@ def agree_on_chunks(model, params, streams: Streams, step: MetaStep, cfg: Config
 
 def one_task_peak(model, params, batch: MetaBatch, step: MetaStep, inner_loop: str,
                   order: torch.Tensor | None, recompute: bool, device: torch.device,
-                  step_weights: list[float] | None = None) -> tuple[int, str]:
+                  step_weights: list[float] | None = None, recompute_query: bool = False
+                  ) -> tuple[int, str]:
     """The peak memory (bytes) of the meta-gradient of ``batch``'s first task on
     ``inner_loop``, after a warm-up run (caches that a run keeps anyway are not counted),
     and what was measured. ``step_weights``: the multi-step loss of the first meta-steps,
@@ -449,7 +459,8 @@ def one_task_peak(model, params, batch: MetaBatch, step: MetaStep, inner_loop: s
 
     def run():
         return meta_gradient(model, params, one, step, inner_loop=inner_loop, order=order,
-                             recompute=recompute, step_weights=step_weights)
+                             recompute=recompute, step_weights=step_weights,
+                             recompute_query=recompute_query)
 
     run()
     _, need, what = peak_memory(run, device)
@@ -457,14 +468,15 @@ def one_task_peak(model, params, batch: MetaBatch, step: MetaStep, inner_loop: s
 
 
 def pick_inner_loop(model, params, batch: MetaBatch, step: MetaStep, chunk: int,
-                    order: torch.Tensor | None = None, recompute: bool = False) -> str:
+                    order: torch.Tensor | None = None, recompute: bool = False,
+                    recompute_query: bool = False) -> str:
     """Time one meta-gradient of each path on a real batch and keep the faster one."""
     timings = {}
     for inner_loop in ("loop", "vmap"):
         for _ in range(2):  # a warm-up, then the timed one
             t0 = time.perf_counter()
             meta_gradient(model, params, batch, step, inner_loop=inner_loop, chunk=chunk,
-                          order=order, recompute=recompute)
+                          order=order, recompute=recompute, recompute_query=recompute_query)
         timings[inner_loop] = time.perf_counter() - t0
     best = min(timings, key=timings.get)
     tqdm.write(
