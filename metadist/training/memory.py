@@ -69,8 +69,8 @@ def chunk_for_budget(budget_gb: float, one_task: int, tasks: int, what: str = ""
             f"train.max_memory_gb={budget_gb:g} is below what one task's meta-gradient "
             f"needs: measured {one_task / GB:.3g} GB per task ({what or 'peak memory'}); "
             "raise it, set train.recompute_inner=true (second order: the inner steps are "
-            "recomputed instead of kept), use more workers (the budget is each worker's), "
-            "or take smaller episodes")
+            "recomputed instead of kept) or train.recompute_query=true (the query's blocks "
+            "are), use more workers (the budget is each worker's), or take smaller episodes")
     return max(1, min(tasks, int(budget // max(one_task, 1))))
 
 
