@@ -409,13 +409,13 @@ def _task_outcome(
     input alone and recompute the block in the outer backward (``block_remat``)."""
     params = task_head(model, params, sx, sy, ways, step.head, impl, step.metric,
                        step.temperature)
-    remat = {"remat": block_remat(functional)} if recompute_query else {}
     if step.any_ways:
         # The inner loop starts from the task's head as from a value: its gradient for a
         # body parameter is the partial one. Plain autograd would also follow the head
         # back into the body (it is computed from it); torch.func.grad takes each
         # parameter as an input of its own, and the outer gradient still flows through.
         functional = True
+    remat = {"remat": block_remat(functional)} if recompute_query else {}
     if step.algorithm == "protonet":  # the prototypes are the whole adaptation
         adapted, end = params, {}
         out = model(params, qx, impl, **remat)
@@ -447,7 +447,7 @@ def _task_outcome(
 
         def query_loss(params: Params) -> Tensor:
             if recompute and not first_order:
-                return _recomputed_query_loss(model, params, qx, qy, impl, functional)
+                return _recomputed_query_loss(model, params, qx, qy, impl, functional, remat)
             return output_loss(model(params, qx, impl, **remat), qy)
 
         loss = sum(w * query_loss(p)
@@ -473,13 +473,14 @@ def block_remat(functional: bool) -> Remat:
 
 
 def _recomputed_query_loss(model: Model, params: Params, qx: Tensor, qy: Tensor,
-                           impl: str, functional: bool) -> Tensor:
+                           impl: str, functional: bool, remat: dict) -> Tensor:
     """The query loss at ``params``, keeping only its inputs for the outer backward (the
-    multi-step loss's query losses after the earlier inner steps)."""
+    multi-step loss's query losses after the earlier inner steps); ``remat``: its
+    recomputation recomputes block by block in turn."""
     names = list(params)
 
     def loss(qx: Tensor, qy: Tensor, *values: Tensor, create_graph: bool) -> tuple[Tensor]:
-        return (output_loss(model(dict(zip(names, values)), qx, impl), qy),)
+        return (output_loss(model(dict(zip(names, values)), qx, impl, **remat), qy),)
 
     return recomputed(loss, qx, qy, *params.values(), functional=functional)[0]
 
