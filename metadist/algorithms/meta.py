@@ -40,7 +40,6 @@ from metadist.algorithms.inner_loop import (
     output_loss,
 )
 from metadist.algorithms.recompute import recomputed
-from metadist.models.layers import Remat
 
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "metasgd", "protonet")
 # Meta-SGD's learned inner learning rates live in the parameters, one tensor per model
@@ -459,12 +458,13 @@ def _task_outcome(
     return loss, acc, adapted, end
 
 
-def block_remat(functional: bool) -> Remat:
-    """A ``Remat`` that makes each model block one ``recomputed`` node: the forward keeps
-    the block's input and weights alone, and the outer backward runs the block again to
-    differentiate it. A query forward so keeps one block's graph at a time instead of the
-    whole network's; the gradient is the same (the block is deterministic: batch norm takes
-    the batch's statistics, and nothing random runs in meta-training)."""
+def block_remat(functional: bool) -> Callable[..., Tensor]:
+    """A model's ``remat`` (``metadist.models.layers.Remat``) that makes each block (or
+    unit of a block) one ``recomputed`` node: the forward keeps its inputs alone, and the
+    outer backward runs it again to differentiate it. A query forward so keeps one block's
+    graph at a time instead of the whole network's; the gradient is the same (the blocks
+    are deterministic: batch norm takes the batch's statistics, and nothing random runs in
+    meta-training)."""
     def remat(block: Callable[..., Tensor], h: Tensor, *weights: Tensor) -> Tensor:
         def fn(*inputs: Tensor, create_graph: bool) -> tuple[Tensor]:
             return (block(*inputs),)

@@ -101,31 +101,38 @@ class ResNet12:
                  drop: layers.DropBlock | None = None,
                  remat: layers.Remat | None = None) -> Tensor:
         """The pooled features; ``drop``: DropBlock after blocks 3 and 4 (training only);
-        ``remat``: each residual block runs through it (``layers.Remat``)."""
+        ``remat``: each residual block's three units run through it (``layers.Remat``)."""
         if drop is not None and impl != "native":
             raise ValueError("DropBlock runs on the native layers only")
 
-        def residual(h: Tensor, *weights: Tensor) -> Tensor:
-            conv, norm = weights[0:3], weights[3:9]
-            out = h
-            for j in range(3):
-                out = layers.batch_norm(layers.conv2d(out, conv[j], 1, impl),
-                                        norm[2 * j], norm[2 * j + 1], impl)
-                if j < 2:
-                    out = F.leaky_relu(out, LEAKY_SLOPE)
-            shortcut = layers.batch_norm(layers.conv1x1(h, weights[9], impl),
-                                         weights[10], weights[11], impl)
+        def unit(h: Tensor, conv: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            out = layers.batch_norm(layers.conv2d(h, conv, 1, impl), weight, bias, impl)
+            return F.leaky_relu(out, LEAKY_SLOPE)
+
+        def last_unit(out: Tensor, h: Tensor, conv: Tensor, weight: Tensor, bias: Tensor,
+                      shortcut_conv: Tensor, shortcut_weight: Tensor, shortcut_bias: Tensor
+                      ) -> Tensor:
+            out = layers.batch_norm(layers.conv2d(out, conv, 1, impl), weight, bias, impl)
+            shortcut = layers.batch_norm(layers.conv1x1(h, shortcut_conv, impl),
+                                         shortcut_weight, shortcut_bias, impl)
             return layers.max_pool2(F.leaky_relu(out + shortcut, LEAKY_SLOPE), impl)
 
+        def conv_norm(p: str, j: int) -> tuple[Tensor, Tensor, Tensor]:
+            return (params[f"{p}conv{j}.weight"], params[f"{p}bn{j}.weight"],
+                    params[f"{p}bn{j}.bias"])
+
+        # For ``remat`` a residual block is three units: the first two conv-norm-ReLU
+        # layers, then the third with the shortcut, the sum and the pool. Units rather than
+        # whole blocks: the first block (84x84, the most pixels) would otherwise hold all its
+        # maps at once while the backward passes through it (full size on a CPU: 1.6 GB
+        # against 2.1 GB for whole blocks, benchmarks/second_order_memory.py).
         run = remat or layers.run_block
         h = layers.to_layout(x, impl)
         for block in range(1, 5):
             p = f"layer{block}."
-            h = run(residual, h,
-                    *(params[f"{p}conv{j}.weight"] for j in (1, 2, 3)),
-                    *(params[f"{p}bn{j}.{w}"] for j in (1, 2, 3) for w in ("weight", "bias")),
-                    params[f"{p}downsample.0.weight"], params[f"{p}downsample.1.weight"],
-                    params[f"{p}downsample.1.bias"])
+            out = run(unit, run(unit, h, *conv_norm(p, 1)), *conv_norm(p, 2))
+            h = run(last_unit, out, h, *conv_norm(p, 3), params[f"{p}downsample.0.weight"],
+                    params[f"{p}downsample.1.weight"], params[f"{p}downsample.1.bias"])
             if drop is not None and block in DROPBLOCK_BLOCKS:
                 h = layers.drop_block(h, drop, block)
         return layers.to_nchw(h, impl).mean(dim=(2, 3))
