@@ -67,6 +67,24 @@ def test_protonet_loss_and_meta_gradient_are_snell_et_al_s(inner_loop):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def cosine_scores(model, p, batch, t, scale):
+    """Task t's query scores under cosine prototypes, written out (Chen et al.'s metric)."""
+    zs = model.features(p, batch.support_x[t])
+    zq = F.normalize(model.features(p, batch.query_x[t]), dim=-1)
+    means = torch.stack([zs[batch.support_y[t] == k].mean(0) for k in range(3)])
+    return scale * zq @ F.normalize(means, dim=-1).t()
+
+
+def assert_written_out_meta_gradient(grads, metrics, params, scores, batch):
+    """``meta_gradient``'s loss and gradients are those of ``scores(params, t)``'s loss."""
+    reference = sum(F.cross_entropy(scores(params, t), batch.query_y[t]) for t in range(2))
+    assert metrics["loss"] == pytest.approx(reference.item(), rel=1e-6)
+    expected = torch.autograd.grad(reference, list(params.values()), allow_unused=True)
+    for got, want in zip(grads.values(), expected):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("inner_loop", ["loop", "vmap"])
 def test_cosine_prototypes_score_temperature_times_the_cosine_similarity(inner_loop):
     # Chen et al.'s Classifier-Baseline / Meta-Baseline metric, written out.
@@ -75,21 +93,13 @@ def test_cosine_prototypes_score_temperature_times_the_cosine_similarity(inner_l
     step = MetaStep("protonet", metric="cosine", temperature=7.0)
 
     def written_out(p, t):
-        zs = model.features(p, batch.support_x[t])
-        zq = F.normalize(model.features(p, batch.query_x[t]), dim=-1)
-        means = torch.stack([zs[batch.support_y[t] == k].mean(0) for k in range(3)])
-        return 7.0 * zq @ F.normalize(means, dim=-1).t()
+        return cosine_scores(model, p, batch, t, 7.0)
 
     head = task_head(model, params, batch.support_x[0], batch.support_y[0], 3, step.head,
                      metric=step.metric, scale=step.temperature)
     torch.testing.assert_close(model(head, batch.query_x[0]), written_out(params, 0))
     grads, metrics = meta_gradient(model, params, batch, step, inner_loop=inner_loop)
-    reference = sum(F.cross_entropy(written_out(params, t), batch.query_y[t]) for t in range(2))
-    assert metrics["loss"] == pytest.approx(reference.item(), rel=1e-6)
-    expected = torch.autograd.grad(reference, list(params.values()), allow_unused=True)
-    for got, want in zip(grads.values(), expected):
-        if want is not None:
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert_written_out_meta_gradient(grads, metrics, params, written_out, batch)
     # Not the Euclidean head's scores: the metric is really switched.
     euclidean, _ = meta_gradient(model, params, batch, MetaStep("protonet"))
     assert euclidean["conv0.weight"].sub(grads["conv0.weight"]).abs().max() > 1e-6
@@ -105,18 +115,10 @@ def test_a_learned_temperature_scales_the_cosine_prototypes_and_gets_its_gradien
     step = MetaStep("protonet", metric="cosine", temperature=10.0, learn_temperature=True)
 
     def written_out(p, t):
-        zs = model.features(p, batch.support_x[t])
-        zq = F.normalize(model.features(p, batch.query_x[t]), dim=-1)
-        means = torch.stack([zs[batch.support_y[t] == k].mean(0) for k in range(3)])
-        return p[TEMPERATURE_KEY] * zq @ F.normalize(means, dim=-1).t()
+        return cosine_scores(model, p, batch, t, p[TEMPERATURE_KEY])
 
     grads, metrics = meta_gradient(model, params, batch, step, inner_loop=inner_loop)
-    reference = sum(F.cross_entropy(written_out(params, t), batch.query_y[t]) for t in range(2))
-    assert metrics["loss"] == pytest.approx(reference.item(), rel=1e-6)
-    expected = torch.autograd.grad(reference, list(params.values()), allow_unused=True)
-    for got, want in zip(grads.values(), expected):
-        if want is not None:
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert_written_out_meta_gradient(grads, metrics, params, written_out, batch)
     assert grads[TEMPERATURE_KEY].abs() > 1e-6  # the temperature is reached
     # The parameter, not algorithm.temperature (10), scales the scores.
     head = task_head(model, params, batch.support_x[0], batch.support_y[0], 3, step.head,
