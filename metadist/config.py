@@ -226,6 +226,9 @@ class PretrainConfig:
     dropblock_size: int = 5
     val_every: float = 5.0  # epochs between few-shot validations (prototype head); 0: none
     checkpoint_every: float = 5.0  # epochs between checkpoints; 0: the final one only
+    # The images handed over channels-last (NHWC in memory): oneDNN's and cuDNN's faster
+    # convolution kernels; the same computation up to round-off (docs/pretraining.md).
+    channels_last: bool = False
 
 
 @dataclass

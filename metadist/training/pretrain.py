@@ -132,6 +132,8 @@ def _pretrain(cfg: Config, files: RunFiles, tracker, resume: str | Path | None, 
                                    batch_size)
         x, y = images.load(batch[lo:hi])
         x = pre.apply(augmentation.apply(x, draws[lo:hi]))
+        if p.channels_last:  # every layer after keeps the format (.to keeps it too)
+            x = x.contiguous(memory_format=torch.channels_last)
         return x.to(device), y.to(device)
 
     # -- model: the backbone and a linear head over every training class ------

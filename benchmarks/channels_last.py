@@ -1,0 +1,145 @@
+"""Pre-training speed by memory layout and precision: NCHW against channels-last
+(``pretrain.channels_last``), float32 against bf16 autocast (``train.precision``).
+
+Two tables, every ratio against float32 NCHW measured in the same run:
+
+1. One forward and backward pass of a micro-batch (cross-entropy over 64 classes,
+   random 84x84 RGB images) through a Conv4 (64 filters, flattened) and a ResNet-12
+   (64-160-320-640), each variant timed ``--repeats`` times after a warm-up, the median
+   kept, the variants interleaved so that a drift of the machine's speed hits them all.
+2. ``metadist pretrain configs/miniimagenet_pretrain_conv4.yaml`` itself for
+   ``--steps`` batches of 128 real miniImageNet images (crops, flips, decoding and
+   preprocessing included), NCHW and channels-last alternately, ``--runs`` each; the
+   images per second are the run's own ``images_per_s`` after its first 10 steps.
+
+    python benchmarks/channels_last.py [--threads 2] [--repeats 5] [--steps 60] [--runs 2]
+        [--dataset data/miniimagenet] [--out benchmarks/results/channels_last.md]
+
+Table 2 needs the converted dataset (``metadist data convert miniimagenet
+../shared/data/miniimagenet data/miniimagenet``); ``--steps 0`` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from metadist.config import ModelConfig  # noqa: E402
+from metadist.models import build_model  # noqa: E402
+
+MODELS = {"Conv4 (64 filters)": (ModelConfig(name="conv4", hidden=64, pool="max",
+                                             readout="flatten"), 64),
+          "ResNet-12 (64-160-320-640)": (ModelConfig(name="resnet12"), 32)}
+VARIANTS = [("float32", "NCHW"), ("float32", "channels-last"), ("bf16", "NCHW"),
+            ("bf16", "channels-last")]
+
+
+def pass_times(model_config: ModelConfig, batch: int, repeats: int) -> dict[tuple, float]:
+    """Median seconds of one forward and backward pass per variant."""
+    net = build_model(model_config, ways=64, in_channels=3, image_size=84)
+    params = {k: v.requires_grad_()
+              for k, v in net.init_params(torch.Generator().manual_seed(0)).items()}
+    x = torch.rand(batch, 3, 84, 84, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(batch) % 64
+
+    def once(precision: str, layout: str) -> float:
+        images = x.contiguous(memory_format=torch.channels_last) if layout != "NCHW" else x
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = net.head(params, net.features(params, images))
+        F.cross_entropy(logits.float(), y).backward()
+        return time.perf_counter() - start
+
+    for variant in VARIANTS:  # warm-up: oneDNN builds its kernels on first use
+        once(*variant)
+    times: dict[tuple, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(repeats):
+        for variant in VARIANTS:
+            times[variant].append(once(*variant))
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def pretrain_rate(dataset: str, steps: int, threads: int, channels_last: bool) -> float:
+    """Images per second of ``metadist pretrain`` after its first 10 steps."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run(
+            [sys.executable, "-m", "metadist.cli", "pretrain",
+             str(ROOT / "configs/miniimagenet_pretrain_conv4.yaml"), f"data.dataset={dataset}",
+             f"pretrain.steps={steps}", "pretrain.val_every=0", "pretrain.checkpoint_every=0",
+             "train.final_test=false", "train.val_episodes=5", "tracking.enabled=false",
+             f"train.output_dir={out}", f"train.threads={threads}", "train.log_every=10",
+             "train.progress=false", f"pretrain.channels_last={str(channels_last).lower()}"],
+            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        history = json.loads(next(Path(out).glob("*/history.json")).read_text())
+    first, last = history[9], history[-1]  # steps 10 and the last: the warm-up left out
+    return (last["step"] - first["step"]) * 128 / (last["elapsed_s"] - first["elapsed_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--dataset", default="data/miniimagenet")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    lines = [
+        "# Pre-training speed by memory layout and precision", "",
+        f"Generated by `python benchmarks/channels_last.py {' '.join(sys.argv[1:])}` on "
+        f"{datetime.now(UTC):%Y-%m-%d}.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.threads} torch threads; torch {torch.__version__}, Python "
+        f"{platform.python_version()}; load average before: "
+        f"{os.getloadavg()[0]:.2f}.", "",
+        "## One forward and backward pass of a micro-batch (random 84x84 RGB images, "
+        "64 classes)", "",
+        "| model | batch | precision | layout | time per pass | images/s | vs float32 NCHW |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for name, (model_config, batch) in MODELS.items():
+        times = pass_times(model_config, batch, args.repeats)
+        base = times[VARIANTS[0]]
+        for (precision, layout), t in times.items():
+            lines.append(f"| {name} | {batch} | {precision} | {layout} | {t * 1000:.0f} ms | "
+                         f"{batch / t:.0f} | {base / t:.2f}x |")
+        print("\n".join(lines[-4:]), flush=True)
+    if args.steps:
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.runs):
+            for channels_last in (False, True):
+                rates[channels_last].append(
+                    pretrain_rate(args.dataset, args.steps, args.threads, channels_last))
+        base = statistics.median(rates[False])
+        lines += ["", f"## `metadist pretrain`, miniImageNet Conv4, batches of 128 real images "
+                  f"(steps 10 to {args.steps}, {args.runs} runs each, alternating)", "",
+                  "| layout | images/s (each run) | median | vs NCHW |", "|---|---|---:|---:|"]
+        for channels_last, label in ((False, "NCHW"), (True, "channels-last")):
+            median = statistics.median(rates[channels_last])
+            runs = ", ".join(f"{r:.0f}" for r in rates[channels_last])
+            lines.append(f"| {label} | {runs} | {median:.0f} | {median / base:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
