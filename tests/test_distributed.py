@@ -72,7 +72,8 @@ def test_two_workers_end_with_the_parameters_of_one(algorithm, tmp_path, omniglo
         "tracking.enabled=false", "train.progress=false", "train.val_every=0",
         "train.inner_loop=loop", "train.threads=1",
     ]
-    single = train(load_config(ROOT / config, overrides), run_dir=tmp_path / "one")
+    cfg = load_config(ROOT / config, overrides)
+    single = train(cfg, run_dir=tmp_path / "one")
     result_two = run_workers(2, [config, *overrides], tmp_path / "two")
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "final.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "final.pt")
@@ -84,7 +85,14 @@ def test_two_workers_end_with_the_parameters_of_one(algorithm, tmp_path, omniglo
     losses_two = [h["train_loss"] for h in two["history"]]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
     assert result_two["workers"] == 2
-    assert result_two["mean"] == pytest.approx(single["mean"], rel=1e-4, abs=1e-6)
+    assert result_two["loss"] == pytest.approx(single["loss"], rel=1e-4, abs=1e-6)
+    if single["metric"] == "accuracy":
+        # Accuracy moves in steps of one query: parameters equal to 1e-4 can still tip a
+        # near-tie between two classes (which one depends on the CPU's float32 kernels).
+        one_query = 1 / (single["episodes"] * cfg.data.ways * cfg.data.queries)
+        assert abs(result_two["mean"] - single["mean"]) <= one_query + 1e-6
+    else:
+        assert result_two["mean"] == pytest.approx(single["mean"], rel=1e-4, abs=1e-6)
     if one["inner_moments"] is not None:
         for k, (_, v) in one["inner_moments"]["moments"].items():
             torch.testing.assert_close(two["inner_moments"]["moments"][k][1], v, rtol=1e-4,

@@ -216,6 +216,15 @@ def test_backpressure(ray_session: None, split: Path, sampler: EpisodeSampler) -
         assert pipe.stats()["max_in_flight"] == 2
 
 
+def finish_in_flight(pipe: EpisodePipeline) -> None:
+    """Waits until the actors have finished the requests prefetched ahead: ``close`` kills
+    them, and an actor dies some milliseconds after ``ray.kill`` returns, time enough to
+    finish writing a cache entry, so a listing taken right after ``close`` could change."""
+    refs = [r.ref for r in pipe._pending]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=120)
+    assert len(ready) == len(refs)
+
+
 def test_actors_share_a_decode_cache(
     ray_session: None, split: Path, sampler: EpisodeSampler, tmp_path: Path
 ) -> None:
@@ -223,6 +232,7 @@ def test_actors_share_a_decode_cache(
     with pipeline(split, num_actors=2, prefetch=2, decode_cache=str(cache)) as pipe:
         for step in range(3):
             assert_same(pipe.get(step), sampler.meta_batch(step, 4))
+        finish_in_flight(pipe)
     written = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
     assert written  # the actors decoded into the shared directory
     # Fresh actors (a new run, a sweep's next trial) read those files instead of decoding:
@@ -231,6 +241,7 @@ def test_actors_share_a_decode_cache(
     with pipeline(split, num_actors=1, prefetch=2, decode_cache=str(cache)) as pipe:
         for step in range(3):
             assert_same(pipe.get(step), sampler.meta_batch(step, 4))
+        finish_in_flight(pipe)
     assert {p: p.stat().st_mtime_ns for p in written} == written
 
 
@@ -245,5 +256,6 @@ def test_actors_keep_a_capped_decode_cache_under_its_cap(
                   decode_cache_max_gb=cap / 1e9) as pipe:
         for step in range(3):
             assert_same(pipe.get(step), sampler.meta_batch(step, 4))  # evictions lose nothing
+        finish_in_flight(pipe)
     sizes = [p.stat().st_size for p in cache.rglob("*.npy")]
     assert sizes and set(sizes) == {entry} and sum(sizes) <= cap

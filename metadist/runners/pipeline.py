@@ -345,7 +345,9 @@ class EpisodePipeline:
         return ray.get([actor.stats.remote() for actor in self._actors])
 
     def close(self) -> None:
-        """Ends the actors; safe to call twice."""
+        """Ends the actors; safe to call twice. Requests in flight are dropped, and an actor
+        busy with one dies some milliseconds after this returns: it may still finish
+        writing a decode-cache entry, which is harmless (entries appear whole, by rename)."""
         if self._closed:
             return
         self._closed = True
