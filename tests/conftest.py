@@ -50,6 +50,23 @@ def omniglot_small(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def mini_small_src(tmp_path_factory) -> Path:
+    """Real miniImageNet in its images/ + CSV layout, a few classes of each split
+    (``mini_subset``): RGB, unlike Omniglot. Read-only: copy it before changing it."""
+    from mini_subset import make_small_mini
+
+    return make_small_mini(tmp_path_factory.mktemp("mini") / "src")
+
+
+@pytest.fixture(scope="session")
+def mini_small(mini_small_src: Path) -> Path:
+    """``mini_small_src`` converted to Parquet shards."""
+    from metadist.data.ingest.convert import convert_miniimagenet
+
+    return convert_miniimagenet(mini_small_src, mini_small_src.parent / "out")
+
+
 @contextlib.contextmanager
 def local_ray_cluster(state: Path, nodes: int):
     """A local multi-node Ray cluster of the test's own (its own state file, 1-CPU worker

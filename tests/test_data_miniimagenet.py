@@ -2,71 +2,23 @@
 
 from __future__ import annotations
 
-import csv
-import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import real_data
+from mini_subset import CLASSES, PER_CLASS, make_small_mini, read_rows, write_csv
 
 from metadist.data.ingest.convert import convert_miniimagenet
 from metadist.data.schema import Manifest
 from metadist.data.store import ClassStore
 
-PER_CLASS = 30
-CLASSES = {"train": 4, "val": 2, "test": 3}
 
-
-def read_rows(path: Path) -> list[tuple[str, str]]:
-    with open(path, newline="") as f:
-        return [(r["filename"], r["label"]) for r in csv.DictReader(f)]
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["filename", "label"])
-        writer.writerows(rows)
-
-
-def make_small_mini(dest: Path, *, zipped: bool = False) -> Path:
-    """A few real classes x PER_CLASS real images in the standard layout."""
-    dest.mkdir(parents=True)
-    chosen: dict[str, list[tuple[str, str]]] = {}
-    for split, n in CLASSES.items():
-        rows = read_rows(real_data("miniimagenet", f"{split}.csv"))
-        labels = sorted({label for _, label in rows})[:n]
-        chosen[split] = [r for lab in labels for r in [x for x in rows if x[1] == lab][:PER_CLASS]]
-        write_csv(dest / f"{split}.csv", chosen[split])
-    with zipfile.ZipFile(real_data("miniimagenet", "images.zip")) as z:
-        images = {f"images/{f}": z.read(f"images/{f}") for rows in chosen.values() for f, _ in rows}
-    if zipped:
-        with zipfile.ZipFile(dest / "images.zip", "w") as z:
-            for name, data in images.items():
-                z.writestr(name, data)
-    else:
-        (dest / "images").mkdir()
-        for name, data in images.items():
-            (dest / name).write_bytes(data)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def small_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_small_mini(tmp_path_factory.mktemp("mini") / "src")
-
-
-@pytest.fixture(scope="module")
-def small_out(small_src: Path) -> Path:
-    return convert_miniimagenet(small_src, small_src.parent / "out")
-
-
-def test_small_round_trip(small_src: Path, small_out: Path) -> None:
+def test_small_round_trip(mini_small_src: Path, mini_small: Path) -> None:
     seen: set[str] = set()
     for split, n in CLASSES.items():
-        m = Manifest.load(small_out / split / "manifest.json")
+        m = Manifest.load(mini_small / split / "manifest.json")
         labels = set(m.split_info.classes)
         assert len(labels) == n and not labels & seen
         seen |= labels
@@ -76,22 +28,23 @@ def test_small_round_trip(small_src: Path, small_out: Path) -> None:
         assert m.preprocessing.channels == 3 and m.preprocessing.image_size == 84
         assert [c.count for c in m.classes] == [PER_CLASS] * n
         # JPEG bytes stored as they are, in CSV order within each class.
-        table = pq.read_table(small_out / split / m.shards[0].file)
-        expected = [f for f, _ in sorted(read_rows(small_src / f"{split}.csv"), key=lambda r: r[1])]
+        table = pq.read_table(mini_small / split / m.shards[0].file)
+        rows = read_rows(mini_small_src / f"{split}.csv")
+        expected = [f for f, _ in sorted(rows, key=lambda r: r[1])]
         stored = table.column("image").to_pylist()
         assert [r["path"] for r in stored] == [f"images/{f}" for f in expected]
-        assert all(r["bytes"] == (small_src / r["path"]).read_bytes() for r in stored)
-    store = ClassStore(small_out / "train")
+        assert all(r["bytes"] == (mini_small_src / r["path"]).read_bytes() for r in stored)
+    store = ClassStore(mini_small / "train")
     x = store.load_class(0)
     assert x.shape == (PER_CLASS, 3, 84, 84) and x.dtype == torch.uint8
 
 
-def test_zip_source_gives_same_dataset(tmp_path: Path, small_out: Path) -> None:
+def test_zip_source_gives_same_dataset(tmp_path: Path, mini_small: Path) -> None:
     src = make_small_mini(tmp_path / "src", zipped=True)
     out = convert_miniimagenet(src, tmp_path / "out")
     for split in CLASSES:
         a = Manifest.load(out / split / "manifest.json")
-        b = Manifest.load(small_out / split / "manifest.json")
+        b = Manifest.load(mini_small / split / "manifest.json")
         assert a.classes == b.classes and a.shards == b.shards
 
 
@@ -104,8 +57,8 @@ def copy_layout(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_missing_image_names_csv_line_and_file(tmp_path: Path, small_src: Path) -> None:
-    src = copy_layout(small_src, tmp_path / "src")
+def test_missing_image_names_csv_line_and_file(tmp_path: Path, mini_small_src: Path) -> None:
+    src = copy_layout(mini_small_src, tmp_path / "src")
     filename = read_rows(src / "val.csv")[4][0]
     (src / "images" / filename).unlink()
     with pytest.raises(ValueError, match=f"{src / 'val.csv'}:6: image '{filename}' not found"):
@@ -113,8 +66,8 @@ def test_missing_image_names_csv_line_and_file(tmp_path: Path, small_src: Path) 
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_jpeg_is_named(tmp_path: Path, small_src: Path) -> None:
-    src = copy_layout(small_src, tmp_path / "src")
+def test_corrupt_jpeg_is_named(tmp_path: Path, mini_small_src: Path) -> None:
+    src = copy_layout(mini_small_src, tmp_path / "src")
     victim = src / "images" / read_rows(src / "test.csv")[7][0]
     victim.write_bytes(victim.read_bytes()[:300])
     with pytest.raises(ValueError, match=f"{victim}: not a decodable image"):
@@ -122,8 +75,8 @@ def test_corrupt_jpeg_is_named(tmp_path: Path, small_src: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_csvs(tmp_path: Path, small_src: Path) -> None:
-    src = copy_layout(small_src, tmp_path / "src")
+def test_bad_csvs(tmp_path: Path, mini_small_src: Path) -> None:
+    src = copy_layout(mini_small_src, tmp_path / "src")
     train = read_rows(src / "train.csv")
     (src / "train.csv").write_text("file,class\n")
     with pytest.raises(ValueError, match="train.csv:1: expected the header"):

@@ -13,13 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_torchrun
-from test_data_miniimagenet import make_small_mini
 
 from metadist.algorithms import MetaStep
 from metadist.cli import main
 from metadist.config import ModelConfig, load_config
 from metadist.data.augment import Augmentation, resized_crop_box
-from metadist.data.ingest.convert import convert_miniimagenet
 from metadist.models import ResNet12, build_model, model_from_spec
 from metadist.models.layers import DropBlock, drop_block
 from metadist.training import pretrain as pretrain_module
@@ -127,18 +125,11 @@ def test_a_sigterm_stops_after_the_step_in_flight_and_the_run_resumes_from_it(
     assert resumed["mean"] == full["mean"]
 
 
-@pytest.fixture(scope="module")
-def mini_small(tmp_path_factory) -> Path:
-    """4 training and 2 validation classes of real miniImageNet images, 30 each: RGB, whose
-    channels-last layout differs from NCHW (with one channel the two are the same)."""
-    return convert_miniimagenet(make_small_mini(tmp_path_factory.mktemp("mini") / "src"),
-                                tmp_path_factory.mktemp("mini") / "out")
-
-
 @pytest.mark.parametrize("model", [["model.hidden=8"], [*RANDOM, "model.widths=[4,4,8,8]"]],
                          ids=["conv4", "resnet12"])
 def test_channels_last_images_reach_the_model_and_compute_the_same_loss(
         model, tmp_path, mini_small, monkeypatch):
+    # RGB images: with one channel (Omniglot) channels-last and NCHW are the same layout.
     formats: list[bool] = []
     built = pretrain_module.build_model
 
